@@ -1,0 +1,1 @@
+"""Model presets and training recipes, shipped as TOML data files."""

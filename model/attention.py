@@ -1,0 +1,83 @@
+"""Causal self-attention with GQA/MQA, RoPE, sliding windows and the KV cache."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flaxlm.model.cache import LayerCache, write_rows
+from flaxlm.model.layers import Einsum, apply_rope
+
+# Large negative instead of -inf: a fully masked row (a padding query) then
+# gives a uniform distribution instead of NaN.
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def attention_mask(q_positions: jax.Array, q_segments: jax.Array,
+                   kv_positions: jax.Array, kv_segments: jax.Array,
+                   sliding_window: int | None) -> jax.Array:
+    """Boolean mask [batch, q_len, kv_len]: causal by position, same non-zero segment.
+
+    Segment 0 marks padding; equal positive segment ids mark tokens of one
+    document (1 everywhere for an ordinary batch).
+    """
+    q_pos = q_positions[:, :, None]
+    kv_pos = kv_positions[:, None, :]
+    mask = (kv_pos <= q_pos) & (kv_segments[:, None, :] == q_segments[:, :, None])
+    mask &= kv_segments[:, None, :] != 0
+    if sliding_window is not None:
+        mask &= q_pos - kv_pos < sliding_window
+    return mask
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          mask: jax.Array) -> jax.Array:
+    """q [b, t, heads, h], k/v [b, s, kv_heads, h], mask [b, t, s] -> [b, t, heads, h]."""
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, h) * (h ** -0.5)
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    logits = jnp.where(mask[:, None, None, :, :], logits, _MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+class Attention(nnx.Module):
+    def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 qkv_bias: bool, out_bias: bool, dtype, param_dtype, rngs: nnx.Rngs):
+        common = dict(fan_in=embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+        def qkv(heads: int, heads_axis: str) -> Einsum:
+            return Einsum("btd,dnh->btnh", (embed_dim, heads, head_dim),
+                          ("embed", heads_axis, "head_dim"),
+                          bias_shape=(heads, head_dim) if qkv_bias else None,
+                          bias_axes=(heads_axis, "head_dim"), **common)
+
+        self.q_proj = qkv(num_heads, "heads")
+        self.k_proj = qkv(num_kv_heads, "kv_heads")
+        self.v_proj = qkv(num_kv_heads, "kv_heads")
+        self.o_proj = Einsum("btnh,nhd->btd", (num_heads, head_dim, embed_dim),
+                             ("heads", "head_dim", "embed"),
+                             bias_shape=(embed_dim,) if out_bias else None,
+                             bias_axes=("embed",), fan_in=num_heads * head_dim,
+                             dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+                 inv_freq: np.ndarray | None, cache: LayerCache | None = None,
+                 write_at: jax.Array | None = None):
+        """x [b, t, d]; returns (out [b, t, d], updated cache or None)."""
+        q = self.q_proj(x)  # [b, t, heads, h]
+        k = self.k_proj(x)  # [b, t, kv_heads, h]
+        v = self.v_proj(x)
+        if inv_freq is not None:
+            q = apply_rope(q, positions, inv_freq)
+            k = apply_rope(k, positions, inv_freq)
+        if cache is not None:
+            cache = LayerCache(k=write_rows(cache.k, k, write_at),
+                               v=write_rows(cache.v, v, write_at))
+            k, v = cache.k.astype(q.dtype), cache.v.astype(q.dtype)
+        out = dot_product_attention(q, k, v, mask)
+        return self.o_proj(out), cache

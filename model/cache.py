@@ -1,0 +1,54 @@
+"""The KV cache: an explicit, fixed-shape pytree passed into and out of the model.
+
+Slot s of a row holds the keys/values of the token at position s of that row:
+prompts are right-padded, and `lengths[b]` counts the valid slots of row b.
+A step writes its new keys/values at slots `lengths[b] ...` of each row and
+attends to slots `< lengths[b] + new tokens`, so rows of different lengths
+share one program.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from flaxlm.model.config import ModelConfig
+
+
+@struct.dataclass
+class LayerCache:
+    k: jax.Array  # [batch, max_len, kv_heads, head_dim]
+    v: jax.Array  # [batch, max_len, kv_heads, head_dim]
+
+
+@struct.dataclass
+class KVCache:
+    layers: tuple[LayerCache, ...]
+    lengths: jax.Array  # [batch] int32, valid slots per row
+
+    @property
+    def max_len(self) -> int:
+        return self.layers[0].k.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
+
+    @classmethod
+    def init(cls, config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
+        dtype = jnp.dtype(dtype or config.dtype)
+        shape = (batch_size, max_len, config.num_kv_heads, config.head_dim)
+        layers = tuple(LayerCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+                       for _ in range(config.num_layers))
+        return cls(layers=layers, lengths=jnp.zeros((batch_size,), jnp.int32))
+
+
+CACHE_LOGICAL_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")
+
+
+def write_rows(buffer: jax.Array, update: jax.Array, starts: jax.Array) -> jax.Array:
+    """Write update [b, t, ...] into buffer [b, s, ...] at slot starts[b] of each row."""
+    def one(row, upd, start):
+        return jax.lax.dynamic_update_slice_in_dim(row, upd.astype(row.dtype), start, axis=0)
+    return jax.vmap(one)(buffer, update, starts)

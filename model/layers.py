@@ -1,0 +1,159 @@
+"""Building blocks: parameters with logical axis names, projections, norms, RoPE, MLP.
+
+Every parameter is an `nnx.Param` whose `logical_axes` metadata names its
+dimensions (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, ...);
+`flaxlm.model.sharding` maps those names to mesh axes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flaxlm.model.config import RopeScaling
+
+Axes = tuple[str | None, ...]
+
+
+def make_param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: Axes, dtype) -> nnx.Param:
+    assert len(shape) == len(axes), (shape, axes)
+    return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
+
+
+class Einsum(nnx.Module):
+    """A projection `einsum(spec, x, kernel) + bias` (gemma's Einsum).
+
+    kernel_shape and kernel_axes describe the weight; bias_shape/bias_axes are
+    given only for projections with a bias.
+    """
+
+    def __init__(self, spec: str, kernel_shape, kernel_axes: Axes, *, fan_in: int,
+                 bias_shape=None, bias_axes: Axes = (), dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        self.spec = spec
+        self.dtype = dtype
+        init = jax.nn.initializers.normal(stddev=1.0 / math.sqrt(fan_in))
+        self.kernel = make_param(rngs, init, tuple(kernel_shape), kernel_axes, param_dtype)
+        self.bias = (make_param(rngs, jax.nn.initializers.zeros, tuple(bias_shape),
+                                bias_axes, param_dtype)
+                     if bias_shape is not None else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum(self.spec, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embedder(nnx.Module):
+    """Token embedding table [vocab, embed]; `attend` gives tied output logits."""
+
+    def __init__(self, vocab_size: int, embed_dim: int, *, dtype, param_dtype, rngs):
+        self.dtype = dtype
+        init = jax.nn.initializers.normal(stddev=0.02)
+        self.embedding = make_param(rngs, init, (vocab_size, embed_dim),
+                                    ("vocab", "embed"), param_dtype)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        # [batch, seq, embed] x [vocab, embed] -> [batch, seq, vocab]
+        return jnp.einsum("btd,vd->btv", x.astype(self.dtype),
+                          self.embedding[...].astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+
+
+class Norm(nnx.Module):
+    """RMSNorm (HF Llama semantics) or LayerNorm with bias, computed in float32."""
+
+    def __init__(self, dim: int, kind: str, eps: float, *, dtype, param_dtype, rngs):
+        self.kind = kind
+        self.eps = eps
+        self.dtype = dtype
+        self.scale = make_param(rngs, jax.nn.initializers.ones, (dim,), ("embed",), param_dtype)
+        self.bias = (make_param(rngs, jax.nn.initializers.zeros, (dim,), ("embed",), param_dtype)
+                     if kind == "layernorm" else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x = x - jnp.mean(x, axis=-1, keepdims=True)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        if self.kind == "rmsnorm":
+            # HF casts back to the input dtype before multiplying by the weight.
+            return self.scale[...].astype(self.dtype) * x.astype(self.dtype)
+        y = x * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+class Mlp(nnx.Module):
+    """SwiGLU (gate, up, down) or a plain two-layer MLP with biases (GPT-2)."""
+
+    def __init__(self, embed_dim: int, mlp_dim: int, *, gated: bool, bias: bool,
+                 activation: str, dtype, param_dtype, rngs):
+        self.activation = activation
+
+        def proj(spec, shape, axes, fan_in, bias_dim, bias_axis):
+            return Einsum(spec, shape, axes, fan_in=fan_in,
+                          bias_shape=(bias_dim,) if bias else None, bias_axes=(bias_axis,),
+                          dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+        up = ("btd,df->btf", (embed_dim, mlp_dim), ("embed", "mlp"), embed_dim, mlp_dim, "mlp")
+        self.gate_proj = proj(*up) if gated else None
+        self.up_proj = proj(*up)
+        self.down_proj = proj("btf,fd->btd", (mlp_dim, embed_dim), ("mlp", "embed"),
+                              mlp_dim, embed_dim, "embed")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        act = ACTIVATIONS[self.activation]
+        if self.gate_proj is not None:
+            h = act(self.gate_proj(x)) * self.up_proj(x)
+        else:
+            h = act(self.up_proj(x))
+        return self.down_proj(h)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> np.ndarray:
+    """Inverse frequencies [head_dim // 2] with HF's linear / llama3 scaling."""
+    # float32 throughout, in HF's order of operations, so angles match at long positions.
+    exponent = np.arange(0, head_dim, 2).astype(np.float32) / np.float32(head_dim)
+    inv_freq = np.float32(1.0) / (np.float32(theta) ** exponent)
+    if scaling.kind == "linear":
+        inv_freq = inv_freq / scaling.factor
+    elif scaling.kind == "llama3":
+        inv_freq = _llama3_inv_freq(inv_freq, scaling)
+    return inv_freq.astype(np.float32)
+
+
+def _llama3_inv_freq(inv_freq: np.ndarray, s: RopeScaling) -> np.ndarray:
+    low_freq_wavelen = s.original_max_position / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = ((s.original_max_position / wavelen - s.low_freq_factor)
+              / (s.high_freq_factor - s.low_freq_factor))
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate x [batch, seq, heads, head_dim] by positions [batch, seq] (HF rotate_half layout)."""
+    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [b, t, h/2]
+    sin = jnp.sin(angles)[:, :, None, :]
+    cos = jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
