@@ -67,6 +67,14 @@ class Decoder(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  attention_mask: jax.Array | None = None, cache: KVCache | None = None):
+        x, new_cache = self.hidden(tokens, positions, attention_mask, cache)
+        logits = self.logits(x)
+        return logits if cache is None else (logits, new_cache)
+
+    def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
+               attention_mask: jax.Array | None = None, cache: KVCache | None = None
+               ) -> tuple[jax.Array, KVCache | None]:
+        """Final-norm hidden states [batch, seq, embed] and the updated cache (or None)."""
         cfg = self.config
         segments = (jnp.ones_like(tokens, dtype=jnp.int32) if attention_mask is None
                     else attention_mask.astype(jnp.int32))
@@ -85,10 +93,10 @@ class Decoder(nnx.Module):
             layer_cache = cache.layers[i] if cache is not None else None
             x, layer_cache = block(x, positions, mask, inv_freq, layer_cache, start)
             new_layers.append(layer_cache)
-        logits = self._logits(self.final_norm(x))
+        x = self.final_norm(x)
         if cache is None:
-            return logits
-        return logits, KVCache(layers=tuple(new_layers), lengths=new_lengths)
+            return x, None
+        return x, KVCache(layers=tuple(new_layers), lengths=new_lengths)
 
     def _mask(self, positions, segments, cache):
         window = self.config.sliding_window
@@ -101,9 +109,10 @@ class Decoder(nnx.Module):
         q_segments = (segments != 0).astype(jnp.int32)
         return attention_mask(positions, q_segments, slots, kv_segments, window), new_lengths
 
-    def _logits(self, x: jax.Array) -> jax.Array:
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Output logits [..., vocab] (float32) from final hidden states [..., embed]."""
         if self.lm_head is None:
             return self.embed.attend(x)
         dtype = jnp.dtype(self.config.dtype)
-        return jnp.einsum("btd,dv->btv", x.astype(dtype), self.lm_head[...].astype(dtype),
+        return jnp.einsum("...d,dv->...v", x.astype(dtype), self.lm_head[...].astype(dtype),
                           preferred_element_type=jnp.float32)

@@ -62,8 +62,8 @@ class Embedder(nnx.Module):
         return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        # [batch, seq, embed] x [vocab, embed] -> [batch, seq, vocab]
-        return jnp.einsum("btd,vd->btv", x.astype(self.dtype),
+        # [..., embed] x [vocab, embed] -> [..., vocab]
+        return jnp.einsum("...d,vd->...v", x.astype(self.dtype),
                           self.embedding[...].astype(self.dtype),
                           preferred_element_type=jnp.float32)
 
