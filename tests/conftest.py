@@ -6,3 +6,27 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, float32, loaded once."""
+    from flaxlm.model import load
+
+    return load("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """transformers' own float32 load of the same GGUF: the reference."""
+    import torch
+    import transformers
+
+    from flaxlm.model.embedded import smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model.eval()

@@ -50,3 +50,22 @@ def hf_logits(model, ids, attention_mask=None, position_ids=None):
                     attention_mask=None if attention_mask is None else torch.as_tensor(attention_mask),
                     position_ids=None if position_ids is None else torch.as_tensor(position_ids))
     return out.logits.float().numpy()
+
+
+def save_tokenizer(directory, vocab_size: int) -> None:
+    """Train a byte-level BPE of `vocab_size` on a little text and save it with an
+    EOS token (id 0), so tiny models can be used through the text API."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = ("The quick brown fox jumps over the lazy dog. " * 20
+            + "def main():\n    return 42\n" * 20 + "Hello, world! 12345 " * 20)
+    tok.train_from_iterator([text], trainer)
+    tok.save(str(directory / "tokenizer.json"))
+    import json
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|endoftext|>", "tokenizer_class": "PreTrainedTokenizerFast"}))

@@ -7,7 +7,6 @@ import torch
 import transformers
 
 from flaxlm.model import load, save_hf
-from flaxlm.model.embedded import smollm2_gguf_path
 
 # HF's own float32 run differs from its float64 run by ~6e-5 here (logits reach ~36).
 ATOL = 2e-4
@@ -20,16 +19,13 @@ CHAT = [{"role": "user", "content": "Name three primary colours."}]
 
 
 @pytest.fixture(scope="module")
-def flaxlm_model():
-    return load("smollm2-135m-instruct")
+def flaxlm_model(smollm2):
+    return smollm2
 
 
 @pytest.fixture(scope="module")
-def hf_model():
-    path = smollm2_gguf_path()
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32)
-    return model.eval()
+def hf_model(smollm2_hf):
+    return smollm2_hf
 
 
 def _hf_logits(model, ids):

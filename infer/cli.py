@@ -1,0 +1,147 @@
+"""`flaxlm generate` and `flaxlm chat`: one flag per sampling setting."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from flaxlm.model.cli import Command
+from flaxlm.model.errors import ConfigError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"a name, .gguf file or HF directory (default {DEFAULT_MODEL})")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--verbose", action="store_true", help="log each program compilation")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--max-new-tokens", type=int)
+    s.add_argument("--min-new-tokens", type=int)
+    s.add_argument("--temperature", type=float, help="0 = greedy")
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--top-p", type=float)
+    s.add_argument("--min-p", type=float)
+    s.add_argument("--repetition-penalty", type=float)
+    s.add_argument("--presence-penalty", type=float)
+    s.add_argument("--frequency-penalty", type=float)
+    s.add_argument("--logit-bias", action="append", metavar="ID=BIAS", default=[])
+    s.add_argument("--stop", action="append", metavar="TEXT", default=[])
+    s.add_argument("--stop-token-ids", type=int, nargs="+", default=[])
+    s.add_argument("--ignore-eos", action="store_true")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--n", type=int)
+    s.add_argument("--logprobs", type=int)
+
+
+_FIELDS = ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "min_p",
+           "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "n", "logprobs")
+
+
+def sampling_params(args: argparse.Namespace, **defaults):
+    from flaxlm.infer.sampling import SamplingParams
+
+    given = {f: getattr(args, f) for f in _FIELDS if getattr(args, f) is not None}
+    kwargs = {**defaults, **given}
+    if args.logit_bias:
+        kwargs["logit_bias"] = dict(_parse_bias(item) for item in args.logit_bias)
+    if args.stop:
+        kwargs["stop"] = tuple(args.stop)
+    if args.stop_token_ids:
+        kwargs["stop_token_ids"] = tuple(args.stop_token_ids)
+    kwargs["ignore_eos"] = args.ignore_eos
+    return SamplingParams(**kwargs)
+
+
+def _parse_bias(item: str) -> tuple[int, float]:
+    token, sep, bias = item.partition("=")
+    try:
+        return int(token), float(bias)
+    except ValueError:
+        raise ConfigError(f"--logit-bias wants ID=BIAS, got {item!r}") from None
+
+
+def _load(args):
+    from flaxlm.infer.llm import LLM
+
+    return LLM.load(args.model, dtype=args.dtype, verbose=args.verbose)
+
+
+# ---------------------------------------------------------------- generate
+
+def _generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", help="the prompt (default: read from stdin)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--stream", action="store_true", help="print tokens as they come")
+    _add_common(p)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt.strip():
+        raise ConfigError("the prompt is empty")
+    params = sampling_params(args)  # checked before the model is loaded
+    llm = _load(args)
+    if args.chat:
+        prompt = llm.chat_prompt_ids([{"role": "user", "content": prompt}])
+    if args.stream:
+        _stream_answer(llm, prompt, params)
+        return
+    result = llm.generate([prompt], params)[0]
+    for i, out in enumerate(result.outputs):
+        if len(result.outputs) > 1:
+            print(f"--- sample {i + 1} ({out.finish_reason})")
+        print(out.text)
+
+
+def _stream_answer(llm, prompt, params) -> str:
+    start, pieces = time.perf_counter(), []
+    for piece in llm.stream(prompt, params):
+        pieces.append(piece)
+        print(piece, end="", flush=True)
+    elapsed = time.perf_counter() - start
+    tokens = len(llm.tokenizer.encode("".join(pieces), add_special_tokens=False))
+    print(f"\n[{tokens} tokens in {elapsed:.2f} s, {tokens / max(elapsed, 1e-9):.1f} tokens/s]",
+          file=sys.stderr, flush=True)
+    return "".join(pieces)
+
+
+generate_command = Command("generate text from a prompt", _generate_arguments, _generate)
+
+
+# ---------------------------------------------------------------- chat
+
+def _chat_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--system", help="a system message")
+    p.add_argument("--prompt", help="answer this one message and exit (no interactive loop)")
+    _add_common(p)
+
+
+def _chat(args: argparse.Namespace) -> None:
+    params = sampling_params(args, max_new_tokens=256)
+    llm = _load(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    questions = [args.prompt] if args.prompt is not None else _read_turns()
+    for question in questions:
+        if not question.strip():
+            raise ConfigError("the message is empty")
+        messages.append({"role": "user", "content": question})
+        answer = _stream_answer(llm, messages, params)
+        messages.append({"role": "assistant", "content": answer})
+
+
+def _read_turns():
+    print("flaxlm chat: type a message, an empty line or Ctrl-D ends.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            return
+        if not line.strip():
+            return
+        yield line
+
+
+chat_command = Command("chat with a model, streaming its answers", _chat_arguments, _chat)

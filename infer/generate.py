@@ -1,0 +1,178 @@
+"""Batched generation on top of the compiled programs: buckets, rows, results.
+
+A request becomes `n` rows; rows are grouped into batches of at most
+`max_batch`, padded to power-of-two batch sizes and prompt lengths so a
+long-running process compiles a bounded number of programs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Iterator
+
+import jax
+import numpy as np
+
+from flaxlm.infer.engine import LoopState, Programs
+from flaxlm.infer.sampling import RowSpec, SamplingArrays, SamplingParams
+from flaxlm.infer.text import TextStream
+from flaxlm.model.tokenizer import Tokenizer
+
+MIN_PROMPT_BUCKET = 16
+MIN_NEW_BUCKET = 16
+STOP_CHECK_EVERY = 8  # decode steps between host checks for stop strings
+TOP_LOGPROBS = 20     # width of the top-alternatives arrays when any row asks for them
+
+
+def bucket(n: int, minimum: int) -> int:
+    """The smallest power of two >= max(n, minimum)."""
+    return 1 << (max(n, minimum) - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One sequence to generate: a prompt, its settings and which sample it is."""
+
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    eos_ids: tuple[int, ...]
+    sample_index: int = 0
+
+
+@dataclasses.dataclass
+class Completion:
+    """One generated sequence."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str                   # "stop" (eos, stop token or stop string) or "length"
+    cumulative_logprob: float            # sum of the chosen tokens' logprobs (ranks samples)
+    logprobs: list[float] | None = None  # of each chosen token, when asked for
+    top_logprobs: list[dict[int, float]] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchTiming:
+    ttft_s: float          # prefill + first token of the batch
+    total_s: float
+    max_new_tokens: int    # steps run by the longest row
+
+
+@dataclasses.dataclass(frozen=True)
+class _Batch:
+    rows: list[Row]
+    tokens: np.ndarray   # [batch, prompt_bucket]
+    lengths: np.ndarray  # [batch]
+    active: np.ndarray   # [batch] bool, False for padding rows
+    sampling: SamplingArrays
+    max_new: int
+    top_n: int
+
+    @property
+    def cache_len(self) -> int:
+        return self.tokens.shape[1] + self.max_new
+
+
+def make_batch(rows: list[Row], vocab_size: int) -> _Batch:
+    batch = bucket(len(rows), 1)
+    prompt_len = bucket(max(len(r.prompt_ids) for r in rows), MIN_PROMPT_BUCKET)
+    tokens = np.zeros((batch, prompt_len), np.int32)
+    lengths = np.ones((batch,), np.int32)
+    for i, row in enumerate(rows):
+        tokens[i, :len(row.prompt_ids)] = row.prompt_ids
+        lengths[i] = len(row.prompt_ids)
+    specs = [RowSpec(params=r.params, eos_ids=r.eos_ids, sample_index=r.sample_index)
+             for r in rows]
+    wants_top = any((r.params.logprobs or 0) > 0 for r in rows)
+    return _Batch(rows=rows, tokens=tokens, lengths=lengths,
+                  active=np.arange(batch) < len(rows),
+                  sampling=SamplingArrays.build(specs, vocab_size, batch),
+                  max_new=bucket(max(r.params.max_new_tokens for r in rows), MIN_NEW_BUCKET),
+                  top_n=TOP_LOGPROBS if wants_top else 0)
+
+
+def _start(programs: Programs, b: _Batch) -> LoopState:
+    return programs.start(b.tokens, b.lengths, b.active, b.sampling,
+                          cache_len=b.cache_len, max_new=b.max_new, top_n=b.top_n)
+
+
+def run_batch(programs: Programs, tokenizer: Tokenizer, rows: list[Row]
+              ) -> tuple[list[Completion], BatchTiming]:
+    """Generate every row of one batch with the while_loop program."""
+    b = make_batch(rows, programs.config.vocab_size)
+    t0 = time.perf_counter()
+    loop = jax.block_until_ready(_start(programs, b))
+    ttft = time.perf_counter() - t0
+    streams = [TextStream(tokenizer, r.params.stop) for r in rows]
+    if any(r.params.stop for r in rows):
+        loop = _run_with_stop_strings(programs, b, loop, streams)
+    else:
+        loop = programs.run(loop, b.sampling, b.max_new, top_n=b.top_n)
+    host = jax.device_get(loop)
+    total = time.perf_counter() - t0
+    done = [_completion(host, i, row, streams[i]) for i, row in enumerate(rows)]
+    return done, BatchTiming(ttft_s=ttft, total_s=total, max_new_tokens=int(host.step))
+
+
+def _run_with_stop_strings(programs: Programs, b: _Batch, loop: LoopState,
+                           streams: list[TextStream]) -> LoopState:
+    """while_loop chunks of STOP_CHECK_EVERY steps; between them the host looks for stop strings."""
+    seen = 0
+    while True:
+        tokens, num_tokens, done = jax.device_get((loop.tokens, loop.num_tokens, loop.done))
+        host_done = done.copy()
+        for i, stream in enumerate(streams):
+            if b.rows[i].params.stop and not stream.finished:
+                stream.push(t for t in tokens[i, seen:num_tokens[i]])
+                host_done[i] |= stream.stopped
+        if host_done.all() or int(loop.step) >= b.max_new:
+            return loop.replace(done=jax.numpy.asarray(host_done))
+        if (host_done != done).any():
+            loop = loop.replace(done=jax.numpy.asarray(host_done))
+        seen = int(loop.step)
+        loop = programs.run(loop, b.sampling, seen + STOP_CHECK_EVERY, top_n=b.top_n)
+
+
+def _completion(host: LoopState, i: int, row: Row, stream: TextStream) -> Completion:
+    n = int(host.num_tokens[i])
+    if stream.stopped:
+        n = stream.num_tokens
+        text, reason = stream.text, "stop"
+    else:
+        stream.push(host.tokens[i, stream.num_tokens:n])
+        stream.finish("stop" if host.stopped[i] else "length")
+        text, reason = stream.text, stream.finish_reason
+    ids = [int(t) for t in host.tokens[i, :n]]
+    want = row.params.logprobs
+    logprobs = None if want is None else [float(x) for x in host.logprobs[i, :n]]
+    top = None
+    if want:
+        top = [{int(t): float(lp) for t, lp in zip(host.top_ids[i, k, :want],
+                                                   host.top_logprobs[i, k, :want])}
+               for k in range(n)]
+    return Completion(text=text, token_ids=ids, finish_reason=reason,
+                      cumulative_logprob=float(host.logprobs[i, :n].sum()),
+                      logprobs=logprobs, top_logprobs=top)
+
+
+def stream_row(programs: Programs, tokenizer: Tokenizer, row: Row
+               ) -> Iterator[tuple[str, LoopState | None]]:
+    """Yield (text piece, None) as tokens come, one jitted step per token; the last
+    item is ("", final host loop state)."""
+    b = make_batch([row], programs.config.vocab_size)
+    stream = TextStream(tokenizer, row.params.stop)
+    loop = _start(programs, b)
+    while True:
+        step, token, done = (int(x) for x in jax.device_get((loop.step, loop.tokens[0, loop.step - 1],
+                                                               loop.done[0])))
+        piece = stream.push([token]) if token >= 0 else ""
+        if piece:
+            yield piece, None
+        if done or stream.stopped or step >= b.max_new:
+            break
+        loop = programs.step(loop, b.sampling, top_n=b.top_n)
+    tail = stream.finish("stop" if bool(jax.device_get(loop.stopped[0])) else "length")
+    if tail:
+        yield tail, None
+    yield "", loop

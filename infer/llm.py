@@ -1,0 +1,203 @@
+"""The public inference API: `LLM.load(...)`, `generate`, `chat`, `stream`."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Iterator, Mapping, Sequence
+
+from flaxlm.infer.engine import Programs
+from flaxlm.infer.generate import Completion, Row, run_batch, stream_row
+from flaxlm.infer.sampling import SamplingParams
+from flaxlm.model.decoder import Decoder
+from flaxlm.model.errors import ConfigError
+from flaxlm.model.loading import load
+from flaxlm.model.tokenizer import Tokenizer
+
+log = logging.getLogger("flaxlm.infer")
+
+Prompt = str | Sequence[int]
+Messages = Sequence[Mapping[str, Any]]
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """The completions of one prompt, best first, with timings."""
+
+    prompt_token_ids: list[int]
+    outputs: list[Completion]
+    ttft_s: float                   # time to first token (prefill of the prompt's batch)
+    time_per_output_token_s: float  # decode time per token after the first
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str:
+        return self.outputs[0].finish_reason
+
+
+class LLM:
+    """A model, its tokenizer and its compiled programs.
+
+    >>> llm = LLM.load("smollm2-135m-instruct")
+    >>> llm.generate("The capital of France is", SamplingParams(temperature=0))[0].text
+    """
+
+    def __init__(self, model: Decoder, tokenizer: Tokenizer, *, max_batch: int = 64,
+                 verbose: bool = False):
+        if tokenizer is None:
+            raise ConfigError("LLM needs a tokenizer (the model directory has no tokenizer.json)")
+        if max_batch < 1 or max_batch & (max_batch - 1):
+            raise ConfigError(f"max_batch must be a power of two >= 1, got {max_batch}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.max_batch = max_batch
+        self.verbose = verbose
+        self.programs = Programs(model, on_compile=self._log_compile)
+
+    @classmethod
+    def load(cls, name_or_path: str | os.PathLike, *, dtype: str = "float32",
+             max_batch: int = 64, verbose: bool = False) -> LLM:
+        """Any name or path `flaxlm.model.load` accepts."""
+        model, tokenizer = load(name_or_path, dtype=dtype)
+        return cls(model, tokenizer, max_batch=max_batch, verbose=verbose)
+
+    @property
+    def num_compiled(self) -> int:
+        """How many programs (prefill, step, loop) this LLM has compiled so far."""
+        return self.programs.num_compiled
+
+    def _log_compile(self, name: str, signature: str) -> None:
+        message = f"compiling {name} program #{self.num_compiled} ({signature})"
+        log.info(message)
+        if self.verbose:
+            print(f"[flaxlm] {message}", flush=True)
+
+    # ------------------------------------------------------------------ generate
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None,
+                 *, truncate: bool = False) -> list[GenerationResult]:
+        """One result per prompt (a string or a list of token ids)."""
+        params = params or SamplingParams()
+        prompt_ids = [self._prompt_ids(p, i, params, truncate)
+                      for i, p in enumerate(_as_list(prompts))]
+        return self._generate(prompt_ids, params)
+
+    def chat(self, messages: Messages | Sequence[Messages], params: SamplingParams | None = None,
+             *, truncate: bool = False) -> GenerationResult | list[GenerationResult]:
+        """Reply to one conversation (a list of {role, content}) or to a list of them."""
+        params = params or SamplingParams()
+        single = bool(messages) and isinstance(messages[0], Mapping)
+        conversations = [messages] if single else list(messages)
+        prompt_ids = [self._prompt_ids(self.chat_prompt_ids(c), i, params, truncate)
+                      for i, c in enumerate(conversations)]
+        results = self._generate(prompt_ids, params)
+        return results[0] if single else results
+
+    def chat_prompt_ids(self, messages: Messages) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def stream(self, prompt: Prompt | Messages, params: SamplingParams | None = None,
+               *, truncate: bool = False) -> Iterator[str]:
+        """Yield text pieces as they are generated (one prompt, or one chat conversation)."""
+        params = params or SamplingParams()
+        if params.n != 1:
+            raise ConfigError(f"stream generates one sequence; got n={params.n}")
+        if isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], Mapping):
+            prompt = self.chat_prompt_ids(prompt)
+        ids = self._prompt_ids(prompt, 0, params, truncate)
+        for piece, _ in stream_row(self.programs, self.tokenizer, self._rows([ids], params)[0]):
+            if piece:
+                yield piece
+
+    def _generate(self, prompt_ids: list[list[int]], params: SamplingParams
+                  ) -> list[GenerationResult]:
+        rows = self._rows(prompt_ids, params)
+        completions: list[Completion] = []
+        timings = []
+        for i in range(0, len(rows), self.max_batch):
+            done, timing = run_batch(self.programs, self.tokenizer, rows[i:i + self.max_batch])
+            completions += done
+            timings += [timing] * len(done)
+        n = params.n
+        results = []
+        for k, ids in enumerate(prompt_ids):
+            outs = sorted(completions[k * n:(k + 1) * n], key=lambda c: -c.cumulative_logprob)
+            t = timings[k * n]
+            steps = max(t.max_new_tokens - 1, 1)
+            results.append(GenerationResult(prompt_token_ids=ids, outputs=outs, ttft_s=t.ttft_s,
+                                            time_per_output_token_s=(t.total_s - t.ttft_s) / steps))
+        return results
+
+    def _rows(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[Row]:
+        eos = () if params.ignore_eos else tuple(self.tokenizer.eos_token_ids)
+        eos = tuple(dict.fromkeys(eos + tuple(params.stop_token_ids)))
+        return [Row(prompt_ids=tuple(ids), params=params, eos_ids=eos, sample_index=s)
+                for ids in prompt_ids for s in range(params.n)]
+
+    def _prompt_ids(self, prompt: Prompt, index: int, params: SamplingParams,
+                    truncate: bool) -> list[int]:
+        """Token ids of one prompt, checked against the vocabulary and the context."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ConfigError(f"prompt {index} is empty")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ConfigError(f"prompt {index} is empty")
+        vocab = self.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ConfigError(f"prompt {index} has token ids outside the vocabulary "
+                              f"[0, {vocab}): {bad[:5]}")
+        params.check_vocab(vocab)
+        room = self.config.max_seq_len - params.max_new_tokens
+        if len(ids) > room:
+            if not truncate or room < 1:
+                raise ConfigError(
+                    f"prompt {index} has {len(ids)} tokens; with max_new_tokens="
+                    f"{params.max_new_tokens} the model's context of {self.config.max_seq_len} "
+                    f"leaves room for {max(room, 0)} (pass truncate=True to keep the last ones)")
+            ids = ids[-room:]
+        return ids
+
+
+def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and isinstance(prompts[0], int):
+        return [prompts]  # one prompt given as token ids
+    if not prompts:
+        raise ConfigError("no prompts given")
+    return prompts
+
+
+def majority_vote(llm: LLM, prompt: Prompt | Messages, extract, params: SamplingParams
+                  ) -> tuple[Any, float]:
+    """Self-consistency: draw `params.n` samples, map each text through `extract`
+    (returning None for "no answer"), return the most common answer and its vote
+    share among all samples."""
+    if isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], Mapping):
+        result = llm.chat(prompt, params)
+    else:
+        result = llm.generate(prompt, params)[0]
+    answers = [extract(c.text) for c in result.outputs]
+    counts: dict[Any, int] = {}
+    for answer in answers:
+        if answer is not None:
+            counts[answer] = counts.get(answer, 0) + 1
+    if not counts:
+        return None, 0.0
+    best = max(counts, key=counts.get)
+    return best, counts[best] / len(answers)
