@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/flaxlm next-token smollm2-135m-instruct "What is the capital of France?" --chat --top 10
+	$(BIN)/flaxlm chat --model smollm2-135m-instruct --prompt "Explain in three sentences why the sky is blue." --temperature 0 --max-new-tokens 128
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

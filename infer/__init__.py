@@ -1,0 +1,9 @@
+"""flaxlm.infer: what uses weights — compiled prefill/decode, sampling, the LLM API."""
+
+from flaxlm.infer.engine import LoopState, Programs, decode_step, prefill
+from flaxlm.infer.generate import Completion
+from flaxlm.infer.llm import LLM, GenerationResult, majority_vote
+from flaxlm.infer.sampling import SamplingParams
+
+__all__ = ["LLM", "Completion", "GenerationResult", "LoopState", "Programs", "SamplingParams",
+           "decode_step", "majority_vote", "prefill"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 from flaxlm.model.cli import Command
 from flaxlm.model.errors import ConfigError
@@ -97,14 +96,14 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _stream_answer(llm, prompt, params) -> str:
-    start, pieces = time.perf_counter(), []
-    for piece in llm.stream(prompt, params):
+    stream, pieces = llm.stream(prompt, params), []
+    for piece in stream:
         pieces.append(piece)
         print(piece, end="", flush=True)
-    elapsed = time.perf_counter() - start
-    tokens = len(llm.tokenizer.encode("".join(pieces), add_special_tokens=False))
-    print(f"\n[{tokens} tokens in {elapsed:.2f} s, {tokens / max(elapsed, 1e-9):.1f} tokens/s]",
-          file=sys.stderr, flush=True)
+    rate = (f", {stream.decode_tokens_per_s:.1f} tokens/s"
+            if stream.decode_tokens_per_s is not None else "")
+    first = f", first after {stream.ttft_s:.2f} s" if stream.ttft_s is not None else ""
+    print(f"\n[{stream.num_tokens} tokens{first}{rate}]", file=sys.stderr, flush=True)
     return "".join(pieces)
 
 

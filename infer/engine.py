@@ -3,9 +3,11 @@
 `prefill(model, tokens, lengths, cache)` runs a right-padded prompt batch and
 returns the cache and each row's last logits; `decode_step(model, cache,
 tokens)` feeds one token per row. The generation programs below wrap them with
-sampling: `start` (prefill + first token), `step` (one decode step + next
-token, for streaming) and `run` (steps inside one `lax.while_loop`). `step`
-and `run` share one body, so both paths give the same tokens.
+sampling: `start` (prefill + first token) and `run` (decode steps inside one
+`lax.while_loop`, up to a token limit given as an array). Non-streaming
+generation calls `run` once; streaming calls the same compiled `run` with a
+limit of one more token each time, so both paths give the same tokens and
+compile the same programs.
 """
 
 from __future__ import annotations
@@ -126,8 +128,6 @@ class Programs:
         self._on_compile = on_compile
         self._start = jax.jit(self._traced("start", start),
                               static_argnames=("cache_len", "max_new", "top_n"))
-        self._step = jax.jit(self._traced("step", step), static_argnames=("top_n",),
-                             donate_argnums=(1,))
         self._run = jax.jit(self._traced("run", run), static_argnames=("top_n",),
                             donate_argnums=(1,))
 
@@ -150,9 +150,6 @@ class Programs:
     def start(self, tokens, lengths, active, sampling, *, cache_len, max_new, top_n) -> LoopState:
         return self._start(self.state, tokens, lengths, active, sampling,
                            cache_len=cache_len, max_new=max_new, top_n=top_n)
-
-    def step(self, loop: LoopState, sampling, *, top_n) -> LoopState:
-        return self._step(self.state, loop, sampling, top_n=top_n)
 
     def run(self, loop: LoopState, sampling, limit: int, *, top_n) -> LoopState:
         return self._run(self.state, loop, sampling, jnp.asarray(limit, jnp.int32), top_n=top_n)

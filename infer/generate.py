@@ -156,23 +156,36 @@ def _completion(host: LoopState, i: int, row: Row, stream: TextStream) -> Comple
                       logprobs=logprobs, top_logprobs=top)
 
 
+@dataclasses.dataclass(frozen=True)
+class StreamEnd:
+    num_tokens: int
+    finish_reason: str
+
+
 def stream_row(programs: Programs, tokenizer: Tokenizer, row: Row
-               ) -> Iterator[tuple[str, LoopState | None]]:
-    """Yield (text piece, None) as tokens come, one jitted step per token; the last
-    item is ("", final host loop state)."""
+               ) -> Iterator[tuple[str, StreamEnd | None]]:
+    """Yield (text piece, None) as tokens come; the last item is ("", StreamEnd).
+
+    Each token is one call of the `run` program with a limit one token further.
+    The next call is dispatched before the current token is detokenized, so the
+    host's work overlaps the device's.
+    """
     b = make_batch([row], programs.config.vocab_size)
     stream = TextStream(tokenizer, row.params.stop)
     loop = _start(programs, b)
+    step = 1
     while True:
-        step, token, done = (int(x) for x in jax.device_get((loop.step, loop.tokens[0, loop.step - 1],
-                                                               loop.done[0])))
-        piece = stream.push([token]) if token >= 0 else ""
+        token, done = loop.tokens[0, step - 1], loop.done[0]  # sliced before `run` donates loop
+        if step < b.max_new:
+            loop = programs.run(loop, b.sampling, step + 1, top_n=b.top_n)
+        token, done = (int(x) for x in jax.device_get((token, done)))
+        piece = stream.push([token])
         if piece:
             yield piece, None
         if done or stream.stopped or step >= b.max_new:
             break
-        loop = programs.step(loop, b.sampling, top_n=b.top_n)
+        step += 1
     tail = stream.finish("stop" if bool(jax.device_get(loop.stopped[0])) else "length")
     if tail:
         yield tail, None
-    yield "", loop
+    yield "", StreamEnd(num_tokens=stream.num_tokens, finish_reason=stream.finish_reason)

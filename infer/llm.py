@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from typing import Any, Iterator, Mapping, Sequence
 
 from flaxlm.infer.engine import Programs
-from flaxlm.infer.generate import Completion, Row, run_batch, stream_row
+from flaxlm.infer.generate import Completion, Row, StreamEnd, run_batch, stream_row
 from flaxlm.infer.sampling import SamplingParams
 from flaxlm.model.decoder import Decoder
 from flaxlm.model.errors import ConfigError
@@ -107,17 +108,17 @@ class LLM:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def stream(self, prompt: Prompt | Messages, params: SamplingParams | None = None,
-               *, truncate: bool = False) -> Iterator[str]:
-        """Yield text pieces as they are generated (one prompt, or one chat conversation)."""
+               *, truncate: bool = False) -> TextStreamer:
+        """An iterator of text pieces as they are generated (one prompt, or one chat
+        conversation); after it ends it also holds token counts and timings."""
         params = params or SamplingParams()
         if params.n != 1:
             raise ConfigError(f"stream generates one sequence; got n={params.n}")
         if isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], Mapping):
             prompt = self.chat_prompt_ids(prompt)
         ids = self._prompt_ids(prompt, 0, params, truncate)
-        for piece, _ in stream_row(self.programs, self.tokenizer, self._rows([ids], params)[0]):
-            if piece:
-                yield piece
+        row = self._rows([ids], params)[0]
+        return TextStreamer(stream_row(self.programs, self.tokenizer, row))
 
     def _generate(self, prompt_ids: list[list[int]], params: SamplingParams
                   ) -> list[GenerationResult]:
@@ -170,6 +171,41 @@ class LLM:
                     f"leaves room for {max(room, 0)} (pass truncate=True to keep the last ones)")
             ids = ids[-room:]
         return ids
+
+
+class TextStreamer:
+    """Iterates over text pieces; when exhausted, `num_tokens`, `finish_reason`,
+    `ttft_s` (first token, compilation included) and `decode_tokens_per_s` are set."""
+
+    def __init__(self, pieces: Iterator[tuple[str, StreamEnd | None]]):
+        self._pieces = pieces
+        self._start = time.perf_counter()
+        self._first: float | None = None
+        self.num_tokens = 0
+        self.finish_reason: str | None = None
+        self.ttft_s: float | None = None
+        self.decode_tokens_per_s: float | None = None
+
+    def __iter__(self) -> TextStreamer:
+        return self
+
+    def __next__(self) -> str:
+        for piece, final in self._pieces:
+            if final is not None:
+                self._finish(final)
+                break
+            if self._first is None:
+                self._first = time.perf_counter()
+                self.ttft_s = self._first - self._start
+            return piece
+        raise StopIteration
+
+    def _finish(self, final: StreamEnd) -> None:
+        end = time.perf_counter()
+        self.num_tokens = final.num_tokens
+        self.finish_reason = final.finish_reason
+        if self._first is not None and self.num_tokens > 1:
+            self.decode_tokens_per_s = (self.num_tokens - 1) / max(end - self._first, 1e-9)
 
 
 def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

@@ -86,6 +86,16 @@ def _check_stop(stop):
     return tuple(stop)
 
 
+_FLOAT_RULES = {  # setting: (allowed, how the message describes it)
+    "temperature": (lambda t: 0 <= t < math.inf, ">= 0 and finite"),
+    "top_p": (lambda p: 0 < p <= 1, "in (0, 1]"),
+    "min_p": (lambda p: 0 <= p < 1, "in [0, 1)"),
+    "repetition_penalty": (lambda r: 0 < r < math.inf, "> 0 and finite"),
+    "presence_penalty": (lambda x: -2 <= x <= 2, "in [-2, 2]"),
+    "frequency_penalty": (lambda x: -2 <= x <= 2, "in [-2, 2]"),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """The sampling settings of one request (vLLM-like names and defaults)."""
@@ -111,14 +121,9 @@ class SamplingParams:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
         set_("max_new_tokens", _check_int("max_new_tokens", self.max_new_tokens, low=1))
         set_("min_new_tokens", _check_int("min_new_tokens", self.min_new_tokens, 0, self.max_new_tokens))
-        set_("temperature", _check_float("temperature", self.temperature, lambda t: 0 <= t < math.inf, ">= 0 and finite"))
         set_("top_k", _check_int("top_k", self.top_k, low=0))
-        set_("top_p", _check_float("top_p", self.top_p, lambda p: 0 < p <= 1, "in (0, 1]"))
-        set_("min_p", _check_float("min_p", self.min_p, lambda p: 0 <= p < 1, "in [0, 1)"))
-        set_("repetition_penalty", _check_float(
-            "repetition_penalty", self.repetition_penalty, lambda r: 0 < r < math.inf, "> 0 and finite"))
-        for name in ("presence_penalty", "frequency_penalty"):
-            set_(name, _check_float(name, getattr(self, name), lambda x: -2 <= x <= 2, "in [-2, 2]"))
+        for name, (allowed, describe) in _FLOAT_RULES.items():
+            set_(name, _check_float(name, getattr(self, name), allowed, describe))
         set_("logit_bias", _check_logit_bias(self.logit_bias))
         set_("stop", _check_stop(self.stop))
         set_("stop_token_ids", _check_ids("stop_token_ids", self.stop_token_ids))
@@ -133,6 +138,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
+        """Temperature 0: the argmax, no random draw."""
         return self.temperature == 0.0
 
     def check_vocab(self, vocab_size: int) -> None:
@@ -141,7 +147,7 @@ class SamplingParams:
                           ("stop_token_ids", self.stop_token_ids)):
             for i in ids:
                 if i >= vocab_size:
-                    raise ConfigError(f"{name} has token id {i}, outside the vocabulary of {vocab_size}")
+                    raise ConfigError(f"{name} has token id {i}, outside the vocabulary ({vocab_size})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +171,8 @@ def _row_keys(seeds: list[int], sample_indices: list[int]) -> jax.Array:
     """
     seeds_u64 = np.array(seeds, dtype=np.uint64)
     key_data = np.stack([seeds_u64 >> np.uint64(32), seeds_u64 & np.uint64(0xFFFFFFFF)], axis=-1)
-    return jax.vmap(jax.random.fold_in)(key_data.astype(np.uint32), np.array(sample_indices, np.uint32))
+    indices = np.array(sample_indices, np.uint32)
+    return jax.vmap(jax.random.fold_in)(key_data.astype(np.uint32), indices)
 
 
 @struct.dataclass
@@ -190,7 +197,7 @@ class SamplingArrays:
         """Arrays for `rows`, padded to `batch_size` with greedy one-token rows.
 
         Greedy rows get top-k, top-p and min-p off: they cannot change the
-        argmax, and a batch that only filters greedy rows then sorts nothing.
+        argmax, and a batch of greedy rows then skips the filters entirely.
         A row whose seed is None gets a fresh random seed on each call.
         """
         if batch_size < len(rows):
@@ -227,13 +234,6 @@ class SamplingArrays:
         )
 
 
-def _mark(flags, tokens, values):
-    """flags[b, tokens[b]] updated with values[b] where tokens[b] >= 0; [B, V]."""
-    rows = jnp.arange(flags.shape[0])[:, None]  # [B, 1]
-    tokens = jnp.where(tokens >= 0, tokens, flags.shape[1])  # out of range: dropped
-    return flags.at[rows, tokens].add(values, mode="drop")
-
-
 @struct.dataclass
 class TokenHistory:
     """Which tokens each row has seen, for the penalties."""
@@ -245,15 +245,17 @@ class TokenHistory:
     def from_prompts(cls, tokens: jax.Array, mask: jax.Array, vocab_size: int) -> TokenHistory:
         """History of prompts `tokens` i32[B, T] where `mask` [B, T] is nonzero (0 = padding)."""
         batch = tokens.shape[0]
-        tokens = jnp.where(mask != 0, tokens, -1)  # [B, T]
-        hits = _mark(jnp.zeros((batch, vocab_size), jnp.int32), tokens, jnp.ones_like(tokens))
-        return cls(seen=hits > 0, counts=jnp.zeros((batch, vocab_size), jnp.int32))
+        rows = jnp.arange(batch)[:, None]  # [B, 1]
+        tokens = jnp.where(mask != 0, tokens, vocab_size)  # [B, T]; padding: dropped
+        seen = jnp.zeros((batch, vocab_size), bool).at[rows, tokens].set(True, mode="drop")
+        return cls(seen=seen, counts=jnp.zeros((batch, vocab_size), jnp.int32))
 
     def add(self, tokens: jax.Array, active: jax.Array) -> TokenHistory:
         """Record `tokens` i32[B] for the rows where `active` bool[B]."""
-        tokens = jnp.where(active, tokens, -1)[:, None]  # [B, 1]
-        counts = _mark(self.counts, tokens, jnp.ones_like(tokens))
-        return TokenHistory(seen=self.seen | (counts > self.counts), counts=counts)
+        rows = jnp.arange(tokens.shape[0])
+        tokens = jnp.where(active, tokens, self.seen.shape[1])  # [B]; inactive: dropped
+        return TokenHistory(seen=self.seen.at[rows, tokens].set(True, mode="drop"),
+                            counts=self.counts.at[rows, tokens].add(1, mode="drop"))
 
 
 def apply_penalties(logits, arrays: SamplingArrays, history: TokenHistory, num_generated):
@@ -306,20 +308,24 @@ def _top_p(logits, top_p):
     return jnp.where(remove, -jnp.inf, logits)
 
 
+def _min_p(logits, min_p):
+    """HF MinP per row (0 = off); f32[B, V]."""
+    probs = jax.nn.softmax(logits, axis=-1)  # [B, V]
+    return jnp.where(probs < min_p[:, None] * probs.max(axis=-1, keepdims=True), -jnp.inf, logits)
+
+
 def apply_warpers(logits, arrays: SamplingArrays):
     """Temperature, top-k, top-p, min-p in HF's order; filtered entries -inf. f32[B, V].
 
     Top-k and top-p cost ~30 passes over the logits each (a radix select, much cheaper
-    than sorting the vocabulary on CPU); each runs only when some row of the batch uses it.
+    than sorting the vocabulary on CPU); each filter runs only when some row uses it.
     """
     temperature = arrays.temperature[:, None]  # [B, 1]
     logits = jnp.where(temperature > 0, logits / jnp.where(temperature > 0, temperature, 1), logits)
     skip = lambda x, _: x  # noqa: E731
     logits = jax.lax.cond(jnp.any(arrays.top_k > 0), _top_k, skip, logits, arrays.top_k)
     logits = jax.lax.cond(jnp.any(arrays.top_p < 1), _top_p, skip, logits, arrays.top_p)
-    probs = jax.nn.softmax(logits, axis=-1)  # [B, V]
-    threshold = arrays.min_p[:, None] * probs.max(axis=-1, keepdims=True)
-    return jnp.where(probs < threshold, -jnp.inf, logits)
+    return jax.lax.cond(jnp.any(arrays.min_p > 0), _min_p, skip, logits, arrays.min_p)
 
 
 def _argmax(x):
@@ -330,7 +336,10 @@ def _argmax(x):
 
 def _draw(logits, keys, step):
     """jax.random.categorical (Gumbel-max) per row, keyed by fold_in(row key, step); i32[B]."""
-    gumbel = lambda key: jax.random.gumbel(jax.random.fold_in(key, step), logits.shape[-1:])  # noqa: E731
+
+    def gumbel(key):  # f32[V]
+        return jax.random.gumbel(jax.random.fold_in(key, step), logits.shape[-1:])
+
     return _argmax(logits + jax.vmap(gumbel)(keys))
 
 

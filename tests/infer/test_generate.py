@@ -190,3 +190,12 @@ def test_bad_settings(setting, message):
 def test_unknown_model():
     with pytest.raises(FlaxlmError, match="unknown model .nope."):
         LLM.load("nope")
+
+
+def test_stream_reports_tokens_and_reason(llm):
+    params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+    stream = llm.stream("The quick", params)
+    text = "".join(stream)
+    assert stream.num_tokens == 12 and stream.finish_reason == "length"
+    assert text == llm.generate("The quick", params)[0].text
+    assert stream.ttft_s > 0 and stream.decode_tokens_per_s > 0
