@@ -1,8 +1,12 @@
-"""Test-wide settings: CPU only, float32 matmuls at full precision."""
+"""Test-wide settings: CPU only, eight host devices (for the sharding tests), offline."""
 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Eight CPU devices, so sharded and unsharded runs can be compared in-process
+# (DESIGN.md: Sharding). Unsharded code runs on the first device as before.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
