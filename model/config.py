@@ -14,6 +14,9 @@ FAMILIES = ("llama", "gpt2")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_KINDS = ("none", "linear", "llama3")
+# Rematerialization of each block in the backward pass: "full" recomputes the whole
+# block, "dots" keeps matmul outputs and recomputes the rest, "none" keeps everything.
+REMAT_POLICIES = ("none", "full", "dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +63,7 @@ class ModelConfig:
     sliding_window: int | None = None
     dtype: str = "float32"
     param_dtype: str = "float32"
+    remat: str = "none"
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):
@@ -68,6 +72,7 @@ class ModelConfig:
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("param_dtype", self.param_dtype, DTYPES)
+        _check_choice("remat", self.remat, REMAT_POLICIES)
         for name in ("vocab_size", "embed_dim", "num_layers", "num_heads",
                      "num_kv_heads", "head_dim", "mlp_dim", "max_seq_len"):
             if getattr(self, name) < 1:

@@ -1,0 +1,101 @@
+"""Recipes: every shipped file loads, overrides apply, bad keys name the nearest valid key."""
+
+from __future__ import annotations
+
+import importlib.resources
+
+import jax
+import pytest
+
+from flaxlm.model import ConfigError, ModelConfig
+from flaxlm.model.params import abstract_model
+from flaxlm.train.recipe import Recipe, apply_override
+
+RECIPES = sorted(p for p in (importlib.resources.files("flaxlm.configs") / "train").iterdir()
+                 if p.name.endswith(".toml"))
+
+
+def test_recipes_are_shipped():
+    assert {p.name for p in RECIPES} >= {"tiny.toml", "smollm2-135m.toml"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_loads(path):
+    recipe = Recipe.load(path)
+    config = recipe.model_config()
+    assert recipe.data.seq_len <= config.max_seq_len
+    assert recipe.train.batch_size % recipe.train.grad_accum == 0
+    model = abstract_model(config)  # shapes only: nothing is allocated
+    assert jax.tree.leaves(model)
+
+
+def test_smollm2_recipe_is_mixed_precision():
+    recipe = Recipe.load(next(p for p in RECIPES if p.name == "smollm2-135m.toml"))
+    config = recipe.model_config()
+    assert (config.dtype, config.param_dtype) == ("bfloat16", "float32")
+    assert config == ModelConfig.preset("smollm2-135m").replace(
+        dtype="bfloat16", remat=config.remat)
+
+
+def test_overrides_parse_toml_values():
+    path = next(p for p in RECIPES if p.name == "tiny.toml")
+    recipe = Recipe.load(path, ("optimizer.lr=3e-4", "train.steps=7", "model.remat=\"full\"",
+                                "data.files=[\"a/*.txt\", \"b.jsonl\"]", "log.progress=false",
+                                "tokenizer.source=smollm2-135m-instruct"))
+    assert recipe.optimizer.lr == 3e-4 and recipe.train.steps == 7
+    assert recipe.model_config().remat == "full"
+    assert recipe.data.files == ("a/*.txt", "b.jsonl")
+    assert recipe.log.progress is False
+    assert recipe.tokenizer.source == "smollm2-135m-instruct"
+
+
+@pytest.mark.parametrize("item, hint", [
+    ("optimizer.lrr=1", "optimizer.lr"),
+    ("optimiser.lr=1", "optimizer.lr"),
+    ("train.batchsize=8", "train.batch_size"),
+    ("model.num_layer=2", "model.num_layers"),
+])
+def test_unknown_override_names_the_nearest_key(item, hint):
+    with pytest.raises(ConfigError, match=f"did you mean '{hint}'"):
+        apply_override({}, item)
+
+
+def test_unknown_key_in_file_names_the_nearest_key(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('[model]\npreset = "tiny-llama"\n[optimizer]\nwarmup_step = 3\n')
+    with pytest.raises(ConfigError, match="did you mean 'optimizer.warmup_steps'"):
+        Recipe.load(path)
+    path.write_text('[model]\npreset = "tiny-llama"\n[optimiser]\nlr = 3\n')
+    with pytest.raises(ConfigError, match=r"did you mean \[optimizer\]"):
+        Recipe.load(path)
+
+
+@pytest.mark.parametrize("item, message", [
+    ("train.steps=abc", "train.steps must be int"),
+    ("optimizer.lr=-1", "optimizer.lr must be > 0"),
+    ("train.grad_accum=3", "not divisible by train.grad_accum"),
+    ("data.format=csv", "data.format 'csv' is not one of"),
+    ("model.preset=tiny-lama", "did you mean 'tiny-llama'"),
+    ("model.remat=everything", "remat 'everything' is not one of"),
+    ("train.steps", "expected section.key=value"),
+])
+def test_bad_values_are_config_errors(item, message):
+    path = next(p for p in RECIPES if p.name == "tiny.toml")
+    with pytest.raises(ConfigError, match=message):
+        Recipe.load(path, (item,))
+
+
+def test_round_trip_through_dict():
+    recipe = Recipe.load(next(p for p in RECIPES if p.name == "tiny.toml"))
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+
+
+def test_init_takes_the_shape_from_the_model():
+    tiny = ModelConfig.preset("tiny-llama")
+    recipe = Recipe.from_dict({"model": {"dtype": "bfloat16", "remat": "full"}})
+    assert recipe.model_config(tiny) == tiny.replace(dtype="bfloat16", remat="full")
+    with pytest.raises(ConfigError, match="needs a preset"):
+        recipe.model_config()
+    clash = Recipe.from_dict({"model": {"preset": "smollm2-135m"}})
+    with pytest.raises(ConfigError, match="in the --init model"):
+        clash.model_config(tiny)

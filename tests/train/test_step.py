@@ -1,0 +1,169 @@
+"""The train and eval steps: accumulation, remat, packing, masking, precision, optimizer."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from flaxlm.model import Decoder, ModelConfig
+from flaxlm.train.data import Batch
+from flaxlm.train.optim import decay_mask, optimizer, schedule
+from flaxlm.train.recipe import OptimizerConfig
+from flaxlm.model.sharding import make_mesh
+from flaxlm.train.step import compile_steps, loss_sum, new_state, put_batch, token_losses
+
+from tests.train.conftest import TINY_MODEL
+
+CONFIG = ModelConfig.from_dict(TINY_MODEL)
+OPT = optimizer(OptimizerConfig(lr=1e-2, warmup_steps=0), total_steps=10)
+# Plain SGD with lr 1: the update is the gradient itself, so comparing updated
+# parameters compares gradients (AdamW's first step, ~lr * sign(g), would amplify
+# float rounding in near-zero gradients).
+SGD = optax.sgd(1.0)
+
+
+def _rows(num_rows: int, seq_len: int = 17, seed: int = 0) -> Batch:
+    """Random rows of two packed documents each (the second starts at a random column)."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, CONFIG.vocab_size, (num_rows, seq_len)).astype(np.int32)
+    cut = rng.integers(3, seq_len - 3, num_rows)[:, None]
+    columns = np.arange(seq_len)[None, :]
+    segments = np.where(columns < cut, 1, 2).astype(np.int32)
+    positions = np.where(columns < cut, columns, columns - cut).astype(np.int32)
+    return Batch(tokens=tokens, segment_ids=segments, positions=positions)
+
+
+@functools.lru_cache(maxsize=None)
+def _initial(config: ModelConfig, opt):
+    return new_state(Decoder(config.replace(remat="none", dtype="float32"), rngs=nnx.Rngs(0)),
+                     opt, seed=0)
+
+
+@functools.lru_cache(maxsize=None)
+def _steps(config: ModelConfig, mesh: str, opt):
+    graphdef, state = _initial(config, opt)
+    devices = jax.devices() if mesh != "data=1" else jax.devices()[:1]
+    return compile_steps(nnx.graphdef(Decoder(config, rngs=nnx.Rngs(0))), opt, state,
+                         make_mesh(mesh, devices))
+
+
+def _step(config: ModelConfig, batch: Batch, mesh: str = "data=1", opt=SGD):
+    """One train step from the same initial state, on the first device (or over all
+    devices with mesh="data=-1" etc.); compiled programs are reused across tests."""
+    steps = _steps(config, mesh, opt)
+    state = jax.tree.map(lambda x: jnp.array(x, copy=True), _initial(config, opt)[1])
+    state = jax.device_put(state, steps.state_sharding)
+    return steps.train(state, put_batch(batch, steps.train_batch_sharding))
+
+
+_token_losses = jax.jit(token_losses, static_argnums=0)
+_loss_sum = jax.jit(loss_sum, static_argnums=0)
+
+
+def _reshape(batch: Batch, accum: int) -> Batch:
+    return jax.tree.map(lambda x: x.reshape(accum, -1, x.shape[-1]), batch)
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    rows = _rows(8)
+    big_state, big = _step(CONFIG, _reshape(rows, 1))
+    acc_state, acc = _step(CONFIG, _reshape(rows, 4))
+    np.testing.assert_allclose(acc.loss, big.loss, rtol=1e-6)
+    np.testing.assert_allclose(acc.grad_norm, big.grad_norm, rtol=1e-5)
+    assert float(acc.tokens) == float(big.tokens)
+    for a, b in zip(jax.tree.leaves(acc_state.params), jax.tree.leaves(big_state.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mesh", ["data=-1", "data=2,fsdp=4"])
+def test_sharded_step_equals_one_device(mesh):
+    rows = _reshape(_rows(8), 1)
+    one_state, one = _step(CONFIG, rows)
+    state, metrics = _step(CONFIG, rows, mesh)
+    assert len(jax.tree.leaves(state.params)[0].sharding.device_set) == jax.device_count()
+    np.testing.assert_allclose(metrics.loss, one.loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(one_state.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_gives_the_same_loss_and_update(policy):
+    rows = _reshape(_rows(8), 1)
+    plain_state, plain = _step(CONFIG, rows)
+    remat_state, remat = _step(CONFIG.replace(remat=policy), rows)
+    np.testing.assert_allclose(remat.loss, plain.loss, rtol=1e-6)
+    np.testing.assert_allclose(remat.grad_norm, plain.grad_norm, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(remat_state.params), jax.tree.leaves(plain_state.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_rows_give_each_document_its_unpacked_loss():
+    graphdef, state = _initial(CONFIG, SGD)
+    rng = np.random.default_rng(3)
+    doc_a, doc_b = rng.integers(0, CONFIG.vocab_size, 7), rng.integers(0, CONFIG.vocab_size, 10)
+    packed = Batch(tokens=np.concatenate([doc_a, doc_b])[None].astype(np.int32),
+                   segment_ids=np.array([[1] * 7 + [2] * 10], np.int32),
+                   positions=np.array([list(range(7)) + list(range(10))], np.int32))
+    losses, mask = _token_losses(graphdef, state.params, packed)
+    for doc, columns in ((doc_a, slice(0, 6)), (doc_b, slice(7, 16))):
+        pad = 17 - len(doc)  # alone, right-padded to the same shape (one compiled program)
+        alone = Batch(tokens=np.pad(doc, (0, pad))[None].astype(np.int32),
+                      segment_ids=np.array([[1] * len(doc) + [0] * pad], np.int32),
+                      positions=np.pad(np.arange(len(doc)), (0, pad))[None].astype(np.int32))
+        alone_losses, alone_mask = _token_losses(graphdef, state.params, alone)
+        assert int(alone_mask.sum()) == len(doc) - 1
+        np.testing.assert_allclose(losses[0, columns], alone_losses[0, :len(doc) - 1],
+                                   rtol=1e-5, atol=1e-6)
+    # The last token of document a does not predict document b's first token.
+    assert mask[0].tolist() == [True] * 6 + [False] + [True] * 9
+
+
+def test_padding_is_not_counted():
+    graphdef, state = _initial(CONFIG, SGD)
+    rows = _rows(2, seq_len=12)
+    padded = Batch(tokens=np.pad(rows.tokens, ((0, 0), (0, 5)), constant_values=7),
+                   segment_ids=np.pad(rows.segment_ids, ((0, 0), (0, 5))),
+                   positions=np.pad(rows.positions, ((0, 0), (0, 5))))
+    plain = _loss_sum(graphdef, state.params, _rows(2))  # compiled for [2, 17] rows
+    same = Batch(tokens=np.pad(rows.tokens, ((0, 0), (0, 5)), constant_values=9),
+                 segment_ids=padded.segment_ids, positions=padded.positions)
+    with_pad, other_pad = (_loss_sum(graphdef, state.params, b) for b in (padded, same))
+    assert float(with_pad.count) == 2 * (12 - 2)  # two documents per row, padding excluded
+    np.testing.assert_allclose(with_pad.total, other_pad.total, rtol=1e-6)  # pad tokens ignored
+    assert float(plain.count) == 2 * (17 - 2)
+
+
+def test_bfloat16_compute_keeps_float32_master_state():
+    state, metrics = _step(CONFIG.replace(dtype="bfloat16"), _reshape(_rows(8), 4), opt=OPT)
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype("float32")}
+    moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
+    assert moments and {x.dtype for x in moments} == {jnp.dtype("float32")}
+    assert np.isfinite(float(metrics.loss)) and int(state.step) == 1
+
+
+def test_weight_decay_skips_norms_and_biases():
+    params = nnx.state(Decoder(CONFIG.replace(qkv_bias=True), rngs=nnx.Rngs(0)), nnx.Param)
+    flat = {jax.tree_util.keystr(p): m for p, m in
+            jax.tree_util.tree_leaves_with_path(decay_mask(params))}
+    assert flat["['layers'][0]['attn']['q_proj']['kernel'].value"]
+    assert not flat["['layers'][0]['attn']['q_proj']['bias'].value"]
+    assert not flat["['layers'][0]['attn_norm']['scale'].value"]
+    assert not flat["['final_norm']['scale'].value"]
+    assert flat["['embed']['embedding'].value"] and flat["['lm_head'].value"]
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    cfg = OptimizerConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    lr = schedule(cfg, total_steps=100)
+    assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(0.5)
+    assert float(lr(10)) == pytest.approx(1.0)
+    assert float(lr(100)) == pytest.approx(0.1)
+    assert float(lr(55)) == pytest.approx(0.55, abs=1e-6)  # halfway down the cosine
+    fixed = schedule(OptimizerConfig(lr=1.0, warmup_steps=10, decay_steps=200), total_steps=100)
+    assert float(fixed(100)) > 0.5  # decay_steps, not train.steps, sets the schedule

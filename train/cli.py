@@ -1,0 +1,123 @@
+"""`flaxlm train`, `flaxlm tokenizer train`, `flaxlm plot` and `flaxlm export`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from flaxlm.model.cli import Command
+
+SIGNAL_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+
+
+# ---------------------------------------------------------------- train
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, metavar="FILE",
+                   help="a recipe TOML file, e.g. configs/train/tiny.toml")
+    p.add_argument("--out", metavar="RUN_DIR",
+                   help="checkpoints, metrics.jsonl, TensorBoard events, loss.png "
+                        "(default runs/RECIPE_NAME); re-running resumes from it")
+    p.add_argument("--steps", type=int, metavar="N", help="train to step N (sets train.steps)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a recipe setting, e.g. optimizer.lr=3e-4 (repeatable)")
+    p.add_argument("--init", metavar="MODEL",
+                   help="fine-tune from a model (any name or path flaxlm.model.load accepts)")
+    p.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() first (multi-host runs; the "
+                        "coordinator and process ids come from the environment)")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from flaxlm.train.loop import train
+    from flaxlm.train.recipe import Recipe
+
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize()
+    overrides = tuple(args.overrides) + ((f"train.steps={args.steps}",) if args.steps else ())
+    recipe = Recipe.load(args.config, overrides)
+    run_dir = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    result = train(recipe, run_dir, init=args.init)
+    summary = f"step {result.step}"
+    if result.loss is not None:
+        summary += f", loss {result.loss:.4f}"
+    if result.eval_loss is not None:
+        summary += f", held-out loss {result.eval_loss:.4f}"
+    if result.stopped_by is not None:
+        print(f"{result.stopped_by}: stopped at {summary}; checkpoint saved in "
+              f"{run_dir / 'checkpoints'}; run the same command to resume", file=sys.stderr)
+        return SIGNAL_EXIT_CODES[result.stopped_by]
+    print(f"done: {summary}; run directory {run_dir}")
+    return 0
+
+
+train_command = Command("pretrain or fine-tune a causal LM from a recipe (resumes a run)",
+                        _train_arguments, _train)
+
+
+# ---------------------------------------------------------------- tokenizer train
+
+def _tokenizer_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    t = sub.add_parser("train", help="train a byte-level BPE tokenizer on local files")
+    t.add_argument("--data", required=True, action="append", metavar="GLOB",
+                   help="text, JSONL or Parquet files (repeatable; ** recurses)")
+    t.add_argument("--vocab-size", required=True, type=int, metavar="N")
+    t.add_argument("--out", required=True, metavar="DIR")
+    t.add_argument("--format", default="auto", choices=("auto", "text", "jsonl", "parquet"))
+    t.add_argument("--text-field", default="text", help="JSONL/Parquet text field (default text)")
+    t.add_argument("--max-bytes", type=int, default=1 << 30,
+                   help="stop reading after about this much text (default 1 GiB)")
+
+
+def _tokenizer(args: argparse.Namespace) -> None:
+    from flaxlm.train.data import first_documents
+    from flaxlm.train.sources import DocumentSource, find_files
+    from flaxlm.train.tokenizer_train import train_tokenizer
+
+    source = DocumentSource(find_files(tuple(args.data)), args.format, args.text_field)
+    tokenizer = train_tokenizer(first_documents(source, range(len(source)), args.max_bytes),
+                                args.vocab_size)
+    out = tokenizer.save(args.out)
+    print(f"wrote {out}: {tokenizer.vocab_size} tokens from {len(source)} documents")
+
+
+tokenizer_command = Command("train a tokenizer: flaxlm tokenizer train --data GLOB "
+                            "--vocab-size N --out DIR", _tokenizer_arguments, _tokenizer)
+
+
+# ---------------------------------------------------------------- plot
+
+def _plot_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", metavar="PNG", help="default RUN_DIR/loss.png")
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from flaxlm.train.plot import plot_run
+
+    print(f"wrote {plot_run(args.run_dir, args.out)}")
+
+
+plot_command = Command("plot a training run's loss curve to a PNG", _plot_arguments, _plot)
+
+
+# ---------------------------------------------------------------- export
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("out", metavar="DIR", help="Hugging Face directory to write")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from flaxlm.train.checkpoint import export_hf
+
+    print(f"wrote {export_hf(args.run_dir, args.out, args.step)}")
+
+
+export_command = Command("export a training checkpoint to a Hugging Face directory",
+                         _export_arguments, _export)

@@ -1,0 +1,144 @@
+"""What a run reports: FLOPs and MFU, metrics.jsonl, TensorBoard events, the progress bar.
+
+MFU (model FLOPs utilization) = flops_per_token * tokens_per_s / (peak_flops * devices), with
+
+    flops_per_token = 6 * N + 12 * L * H * Q * T        (PaLM, appendix B)
+
+N: parameters that take part in a matmul (all but the input embedding table and
+learned position table, plus the output projection: the embedding again when
+it is tied); 6 = 2 (multiply-add) x 3 (forward, backward for activations,
+backward for weights). 12 * L * H * Q * T: attention scores and the weighted
+sum over T keys (L layers, H heads of size Q, T = sequence length; the causal
+half is counted too, as is standard). Rematerialization's extra forward pass is
+not counted (that would be hardware FLOPs utilization).
+
+Peak: `log.peak_tflops` of the recipe when set, else `peak_flops()`: dense
+bfloat16 peaks of known accelerators, and for a CPU the stated assumption
+cores x 2.5 GHz x 32 float32 FLOP/cycle (two 256-bit FMA units per core).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from flaxlm.model.config import ModelConfig
+
+CPU_FLOPS_PER_CORE = 2.5e9 * 32  # 2.5 GHz x 32 FLOP/cycle (AVX2/AVX-512 FMA, float32)
+
+# Dense bfloat16 peak FLOP/s per device, by substring of `device.device_kind`.
+ACCELERATOR_PEAKS = (
+    ("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("A100", 312e12),
+    ("B200", 2250e12), ("L4", 121e12), ("A10", 125e12),
+    ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5", 197e12), ("TPU v4", 275e12),
+)
+
+
+def peak_flops(device: jax.Device, override_tflops: float = 0.0) -> float:
+    """Peak FLOP/s of one device: the override, the table above, or the CPU assumption."""
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    if device.platform == "cpu":
+        return (os.cpu_count() or 1) * CPU_FLOPS_PER_CORE
+    for name, peak in ACCELERATOR_PEAKS:
+        if name.lower() in device.device_kind.lower():
+            return peak
+    return math.nan  # unknown accelerator: set log.peak_tflops
+
+
+def matmul_params(config: ModelConfig, num_params: int) -> int:
+    """N of the formula: parameters used in matmuls."""
+    embed = config.vocab_size * config.embed_dim
+    positions = 0 if config.uses_rope else config.max_seq_len * config.embed_dim
+    head = embed if config.tie_embeddings else 0
+    return num_params - embed - positions + head
+
+
+def flops_per_token(config: ModelConfig, num_params: int, seq_len: int) -> float:
+    attention = 12 * config.num_layers * config.num_heads * config.head_dim * seq_len
+    return 6 * matmul_params(config, num_params) + attention
+
+
+class MetricsLog:
+    """Appends one JSON line per log step to RUN_DIR/metrics.jsonl (flushed each time)
+    and mirrors the numbers to TensorBoard event files in RUN_DIR/tensorboard."""
+
+    FIELDS = ("step", "loss", "eval_loss", "eval_ppl", "lr", "grad_norm", "tokens_per_s", "mfu")
+
+    def __init__(self, run_dir: Path, tensorboard: bool):
+        self.path = run_dir / "metrics.jsonl"
+        primary = jax.process_index() == 0  # one writer in a multi-process run
+        self._file = open(self.path, "a", encoding="utf-8") if primary else None
+        self._writer = None
+        if tensorboard and primary:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._file is None:
+            return
+        line = {key: _plain(record.get(key)) for key in self.FIELDS}
+        self._file.write(json.dumps(line) + "\n")
+        self._file.flush()
+        if self._writer is not None:
+            for key, value in line.items():
+                if key != "step" and value is not None:
+                    self._writer.add_scalar(f"train/{key}", value, line["step"])
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _plain(value: Any) -> Any:
+    """A JSON number (or None) from a Python/NumPy/JAX scalar; NaN/Inf become None."""
+    if value is None:
+        return None
+    value = float(np.asarray(value)) if not isinstance(value, int) else value
+    return value if isinstance(value, int) or math.isfinite(value) else None
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Progress:
+    """A tqdm bar over steps showing loss and tokens/s (tqdm supplies rate and ETA)."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self._bar = None
+        if enabled and jax.process_index() == 0:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+                             smoothing=0.1)
+
+    def update(self, steps: int, loss: float | None = None, tokens_per_s: float | None = None):
+        if self._bar is None:
+            return
+        if loss is not None:
+            self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        self._bar.update(steps)
+
+    def write(self, message: str) -> None:
+        if self._bar is not None:
+            self._bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

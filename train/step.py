@@ -1,0 +1,191 @@
+"""The train and eval steps: pure functions of (state, batch), compiled once with `jax.jit`.
+
+The model is split once (`graphdef, params = nnx.split(model, nnx.Param)`); the
+params travel in a `TrainState` that the train step donates and returns. The
+loss is the mean next-token cross-entropy over the tokens that have a next token
+in the same document: padding (segment 0) and the last token of each document
+(which would otherwise predict the next document's first token) are masked.
+Gradient accumulation sums the loss and its gradient over micro-batches (a
+`lax.scan`) and divides by the total token count, so k micro-batches of b rows
+give the gradient of one batch of k*b rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from flaxlm.model.config import ModelConfig
+from flaxlm.model.decoder import Decoder
+from flaxlm.model.sharding import RULES, Rules, param_shardings, sharding_for, use_sharding
+from flaxlm.train.data import Batch
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array             # int32 []: optimizer updates done
+    params: nnx.State           # master parameters (float32 unless param_dtype says otherwise)
+    opt_state: optax.OptState   # AdamW moments, same dtype and structure as params
+    rng: jax.Array              # uint32 [2]: split every step, for stochastic layers
+
+
+@struct.dataclass
+class LossSum:
+    total: jax.Array            # float32 []: summed token cross-entropy
+    count: jax.Array            # float32 []: predicted tokens
+
+    @property
+    def mean(self) -> jax.Array:
+        return self.total / jnp.maximum(self.count, 1.0)
+
+
+@struct.dataclass
+class StepMetrics:
+    loss: jax.Array             # mean loss of the step's batch (before the update)
+    grad_norm: jax.Array        # global norm of the gradient (before clipping)
+    param_norm: jax.Array       # global norm of the updated parameters (NaN/Inf check)
+    tokens: jax.Array           # predicted tokens in the batch
+
+
+def new_state(model: Decoder, optimizer: optax.GradientTransformation,
+              seed: int) -> tuple[nnx.GraphDef, TrainState]:
+    graphdef, params = nnx.split(model, nnx.Param)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                       opt_state=optimizer.init(params), rng=jax.random.PRNGKey(seed))
+    return graphdef, state
+
+
+def abstract_state(config: ModelConfig, optimizer: optax.GradientTransformation
+                   ) -> tuple[nnx.GraphDef, TrainState]:
+    """Graphdef and the TrainState's shapes/dtypes, allocating nothing (restore target)."""
+    model = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(model, nnx.Param)
+    state = jax.eval_shape(lambda p: TrainState(
+        step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
+        rng=jax.random.PRNGKey(0)), params)
+    return graphdef, state
+
+
+def token_losses(graphdef: nnx.GraphDef, params: nnx.State,
+                 batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """Per-token cross-entropy [b, seq_len] and its mask [b, seq_len] (True = counted)."""
+    model = nnx.merge(graphdef, params)
+    segments = batch.segment_ids
+    logits = model(batch.tokens[:, :-1], positions=batch.positions[:, :-1],
+                   attention_mask=segments[:, :-1])  # [b, seq_len, vocab] float32
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch.tokens[:, 1:])
+    mask = (segments[:, 1:] == segments[:, :-1]) & (segments[:, :-1] != 0)
+    return losses, mask
+
+
+def loss_sum(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch) -> LossSum:
+    losses, mask = token_losses(graphdef, params, batch)
+    return LossSum(total=jnp.sum(jnp.where(mask, losses, 0.0)),
+                   count=jnp.sum(mask, dtype=jnp.float32))
+
+
+def _summed_grads(graphdef, params, batch: Batch) -> tuple[LossSum, nnx.State]:
+    """Loss sum and its gradient over micro-batches batch[i] ([grad_accum, micro, ...])."""
+    def total(p, micro):
+        terms = loss_sum(graphdef, p, micro)
+        return terms.total, terms
+
+    grad_fn = jax.value_and_grad(total, has_aux=True)
+
+    def accumulate(carry, micro):
+        terms, grads = carry
+        (_, new_terms), new_grads = grad_fn(params, micro)
+        return (jax.tree.map(jnp.add, terms, new_terms), jax.tree.map(jnp.add, grads, new_grads)), None
+
+    zeros = (LossSum(total=jnp.zeros(()), count=jnp.zeros(())),
+             jax.tree.map(jnp.zeros_like, params))
+    (terms, grads), _ = jax.lax.scan(accumulate, zeros, batch)
+    return terms, grads
+
+
+def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
+               optimizer: optax.GradientTransformation) -> tuple[TrainState, StepMetrics]:
+    """One optimizer update from a batch of shape [grad_accum, micro_batch, seq_len + 1]."""
+    terms, grads = _summed_grads(graphdef, state.params, batch)
+    grads = jax.tree.map(lambda g: g / jnp.maximum(terms.count, 1.0), grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    rng, _ = jax.random.split(state.rng)
+    new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                           opt_state=opt_state, rng=rng)
+    return new_state, StepMetrics(loss=terms.mean, grad_norm=optax.tree.norm(grads),
+                                  param_norm=optax.tree.norm(new_state.params),
+                                  tokens=terms.count)
+
+
+def eval_step(params: nnx.State, batch: Batch, *, graphdef: nnx.GraphDef) -> LossSum:
+    """Summed loss over a batch [batch, seq_len + 1] of held-out rows."""
+    return loss_sum(graphdef, params, batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """The two compiled programs and the shardings of their arguments."""
+
+    train: Callable[[TrainState, Batch], tuple[TrainState, StepMetrics]]
+    eval: Callable[[nnx.State, Batch], LossSum]
+    state_sharding: TrainState       # a NamedSharding per leaf
+    train_batch_sharding: NamedSharding
+    eval_batch_sharding: NamedSharding
+
+
+def state_shardings(target: TrainState, optimizer: optax.GradientTransformation,
+                    mesh: Mesh, rules: Rules) -> TrainState:
+    """Parameters by their logical axes and the rules; AdamW moments like their
+    parameters; step, RNG and counters replicated."""
+    replicated = NamedSharding(mesh, P())
+    params = param_shardings(target.params, mesh, rules)
+    opt_state = optax.tree_map_params(
+        optimizer, lambda _, sharding: sharding, target.opt_state, params,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, NamedSharding))
+    return TrainState(step=replicated, params=params, opt_state=opt_state, rng=replicated)
+
+
+def compile_steps(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
+                  target: TrainState, mesh: Mesh, rules: Rules = RULES) -> Steps:
+    """jit the steps with explicit shardings (state by `state_shardings`, batch rows over
+    the mesh's batch axes); the train state is donated. `target` gives the state's shapes.
+    Both programs are traced inside `use_sharding`, so activations are constrained too."""
+    shardings = state_shardings(target, optimizer, mesh, rules)
+    train_batch = sharding_for((None, "batch", None), mesh, rules)  # [grad_accum, micro, seq]
+    eval_batch = sharding_for(("batch", None), mesh, rules)         # [batch, seq]
+    metrics = NamedSharding(mesh, P())
+    train = jax.jit(functools.partial(train_step, graphdef=graphdef, optimizer=optimizer),
+                    in_shardings=(shardings, train_batch), out_shardings=(shardings, metrics),
+                    donate_argnums=0)
+    evaluate = jax.jit(functools.partial(eval_step, graphdef=graphdef),
+                       in_shardings=(shardings.params, eval_batch), out_shardings=metrics)
+    return Steps(train=_in_context(train, mesh, rules), eval=_in_context(evaluate, mesh, rules),
+                 state_sharding=shardings, train_batch_sharding=train_batch,
+                 eval_batch_sharding=eval_batch)
+
+
+def _in_context(fn: Callable, mesh: Mesh, rules: Rules) -> Callable:
+    def call(*args):
+        with use_sharding(mesh, rules):
+            return fn(*args)
+
+    return call
+
+
+def put_batch(batch: Batch, sharding: NamedSharding) -> Batch:
+    """This process's rows -> one global array per field (the rows of all processes)."""
+    def put(local):
+        global_shape = list(local.shape)
+        axis = len(local.shape) - 2  # the batch axis: [..., batch, seq]
+        global_shape[axis] *= jax.process_count()
+        return jax.make_array_from_process_local_data(sharding, local, tuple(global_shape))
+
+    return jax.tree.map(put, batch)
