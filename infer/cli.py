@@ -33,10 +33,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int)
     s.add_argument("--n", type=int)
     s.add_argument("--logprobs", type=int)
+    b = p.add_argument_group("beam search")
+    b.add_argument("--num-beams", type=int, help="> 1: beam search (HF semantics)")
+    b.add_argument("--length-penalty", type=float,
+                   help="score = sum of logprobs / generated length ** this (default 1)")
+    b.add_argument("--early-stopping", choices=("true", "false", "never"))
+    b.add_argument("--num-return-sequences", type=int, help="best hypotheses printed")
 
 
 _FIELDS = ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "min_p",
-           "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "n", "logprobs")
+           "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "n", "logprobs",
+           "num_beams", "length_penalty", "num_return_sequences")
 
 
 def sampling_params(args: argparse.Namespace, **defaults):
@@ -51,6 +58,8 @@ def sampling_params(args: argparse.Namespace, **defaults):
     if args.stop_token_ids:
         kwargs["stop_token_ids"] = tuple(args.stop_token_ids)
     kwargs["ignore_eos"] = args.ignore_eos
+    if args.early_stopping is not None:
+        kwargs["early_stopping"] = {"true": True, "false": False}.get(args.early_stopping, "never")
     return SamplingParams(**kwargs)
 
 
@@ -90,7 +99,9 @@ def _generate(args: argparse.Namespace) -> None:
         return
     result = llm.generate([prompt], params)[0]
     for i, out in enumerate(result.outputs):
-        if len(result.outputs) > 1:
+        if out.score is not None:
+            print(f"--- beam {i + 1} ({out.finish_reason}, score {out.score:.4f})")
+        elif len(result.outputs) > 1:
             print(f"--- sample {i + 1} ({out.finish_reason})")
         print(out.text)
 

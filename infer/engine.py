@@ -130,10 +130,18 @@ class Programs:
                               static_argnames=("cache_len", "max_new", "top_n"))
         self._run = jax.jit(self._traced("run", run), static_argnames=("top_n",),
                             donate_argnums=(1,))
+        self._more: dict[str, object] = {}
 
     @property
     def num_compiled(self) -> int:
         return sum(self.compiled.values())
+
+    def program(self, name: str, fn, **jit_kwargs):
+        """`fn(model, *args, **kwargs)` jit-compiled once under `name` (beam search...) and
+        counted with the others; call it as `program(self.state, *args, **kwargs)`."""
+        if name not in self._more:
+            self._more[name] = jax.jit(self._traced(name, fn), **jit_kwargs)
+        return self._more[name]
 
     def _traced(self, name: str, fn):
         graphdef = self.graphdef

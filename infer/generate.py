@@ -50,6 +50,7 @@ class Completion:
     cumulative_logprob: float            # sum of the chosen tokens' logprobs (ranks samples)
     logprobs: list[float] | None = None  # of each chosen token, when asked for
     top_logprobs: list[dict[int, float]] | None = None
+    score: float | None = None           # beam search: sum_logprobs / len(token_ids) ** length_penalty
 
 
 @dataclasses.dataclass(frozen=True)

@@ -96,6 +96,48 @@ _FLOAT_RULES = {  # setting: (allowed, how the message describes it)
 }
 
 
+# What beam search needs of the sampling settings: it ranks hypotheses by the raw
+# log-probabilities and draws nothing (HF's do_sample=False).
+_BEAM_NEUTRAL = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0,
+                 "presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": None,
+                 "stop": (), "seed": None, "n": 1, "logprobs": None}
+
+
+def _check_beam_settings(params, set_):
+    beams = _check_int("num_beams", params.num_beams, low=1)
+    set_("num_beams", beams)
+    set_("length_penalty", _check_float("length_penalty", params.length_penalty, math.isfinite,
+                                        "finite"))
+    mode = params.early_stopping
+    if isinstance(mode, (bool, np.bool_)):
+        set_("early_stopping", bool(mode))
+    elif not isinstance(mode, str) or mode != "never":
+        raise ConfigError(f'early_stopping must be True, False or "never", got {mode!r}')
+    returned = 1 if params.num_return_sequences is None else params.num_return_sequences
+    returned = _check_int("num_return_sequences", returned, low=1)
+    if returned > beams:
+        raise ConfigError(f"num_return_sequences={returned} must be <= num_beams={beams}")
+    set_("num_return_sequences", returned)
+    if beams == 1:
+        for name, default in (("length_penalty", 1.0), ("early_stopping", False)):
+            if getattr(params, name) != default:
+                raise ConfigError(f"{name}={getattr(params, name)!r} applies to beam search "
+                                  "only: set num_beams > 1")
+        return
+    bad = [(name, getattr(params, name)) for name, neutral in _BEAM_NEUTRAL.items()
+           if getattr(params, name) != neutral]
+    if params.temperature not in (0.0, 1.0):
+        bad.insert(0, ("temperature", params.temperature))
+    if bad:
+        name, value = bad[0]
+        raise ConfigError(
+            f"{name}={value!r} cannot be combined with num_beams={beams}: beam search is "
+            "deterministic and ranks hypotheses by the model's log-probabilities (HF's "
+            "do_sample=False), so it takes no temperature (other than 0 or 1), top_k, top_p, "
+            "min_p, penalties, logit_bias, seed, n, logprobs or stop strings; use "
+            "num_return_sequences for several outputs and stop_token_ids to end hypotheses")
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """The sampling settings of one request (vLLM-like names and defaults)."""
@@ -116,6 +158,10 @@ class SamplingParams:
     seed: int | None = None
     n: int = 1
     logprobs: int | None = None  # None: none; 0: chosen token only; k: plus top-k
+    num_beams: int = 1  # > 1: beam search (HF semantics), deterministic
+    length_penalty: float = 1.0  # beam score: sum_logprobs / generated_len ** length_penalty
+    early_stopping: bool | str = False  # beam search: True, False or "never", as in HF
+    num_return_sequences: int | None = None  # best hypotheses returned; None: 1
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -135,6 +181,7 @@ class SamplingParams:
         set_("n", _check_int("n", self.n, low=1))
         if self.logprobs is not None:
             set_("logprobs", _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS))
+        _check_beam_settings(self, set_)
 
     @property
     def is_greedy(self) -> bool:
