@@ -248,7 +248,8 @@ def beam_search(model: Decoder, tokens: jax.Array, lengths: jax.Array, active: j
     """tokens [batch, seq] right-padded, lengths [batch], active [batch] bool ->
     (the finished hypotheses [batch, beams, ...] best first, the number of steps run)."""
     batch, vocab = tokens.shape[0], model.config.vocab_size
-    cache, logits = prefill(model, tokens, lengths, KVCache.init(model.config, batch, cache_len))
+    cache, logits = prefill(model, tokens, lengths,
+                            KVCache.init(model.config, batch, cache_len).constrained())
     state = _init_state(repeat_beams(cache, num_beams), repeat_beams(logits, num_beams), active,
                         num_beams, max_new)
     ids = jnp.where(arrays.eos_ids >= 0, arrays.eos_ids, vocab)  # [batch, E]; -1: dropped

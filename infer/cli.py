@@ -16,6 +16,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help=f"a name, .gguf file or HF directory (default {DEFAULT_MODEL})")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--verbose", action="store_true", help="log each program compilation")
+    p.add_argument("--mesh", metavar="AXIS=SIZE,...",
+                   help="shard over devices, e.g. data=2,tensor=4 (axes data, fsdp, tensor)")
     s = p.add_argument_group("sampling")
     s.add_argument("--max-new-tokens", type=int)
     s.add_argument("--min-new-tokens", type=int)
@@ -74,7 +76,7 @@ def _parse_bias(item: str) -> tuple[int, float]:
 def _load(args):
     from flaxlm.infer.llm import LLM
 
-    return LLM.load(args.model, dtype=args.dtype, verbose=args.verbose)
+    return LLM.load(args.model, dtype=args.dtype, verbose=args.verbose, mesh=args.mesh)
 
 
 # ---------------------------------------------------------------- generate

@@ -15,10 +15,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+from jax.sharding import Mesh
 
 from flaxlm.infer.sampling import SamplingArrays, TokenHistory, select_tokens
 from flaxlm.model.cache import KVCache
 from flaxlm.model.decoder import Decoder
+from flaxlm.model.sharding import RULES, Rules, shard_model, use_sharding
 
 
 def prefill(model: Decoder, tokens: jax.Array, lengths: jax.Array, cache: KVCache
@@ -81,7 +83,7 @@ def start(model: Decoder, tokens: jax.Array, lengths: jax.Array, active: jax.Arr
           sampling: SamplingArrays, *, cache_len: int, max_new: int, top_n: int) -> LoopState:
     """Prefill a right-padded batch and choose every row's first token."""
     batch = tokens.shape[0]
-    cache = KVCache.init(model.config, batch, cache_len)
+    cache = KVCache.init(model.config, batch, cache_len).constrained()
     cache, logits = prefill(model, tokens, lengths, cache)
     mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
     zeros = jnp.zeros((batch,), jnp.int32)
@@ -119,9 +121,17 @@ class Programs:
 
     The parameters are split from the model once and passed as an argument;
     the loop state (and its cache) is donated, so decode updates it in place.
+    With a mesh, the parameters are placed by the sharding rules (tensor
+    parallel over heads/MLP/vocabulary, fsdp over embed), programs are traced
+    with activations and the KV cache constrained (batch over data x fsdp, kv
+    heads over tensor), and XLA partitions them.
     """
 
-    def __init__(self, model: Decoder, on_compile=None):
+    def __init__(self, model: Decoder, on_compile=None, mesh: Mesh | None = None,
+                 rules: Rules = RULES):
+        if mesh is not None:
+            shard_model(model, mesh, rules)
+        self.mesh, self.rules = mesh, rules
         self.graphdef, self.state = nnx.split(model)
         self.config = model.config
         self.compiled: dict[str, int] = {}
@@ -151,7 +161,10 @@ class Programs:
             self.compiled[name] = self.compiled.get(name, 0) + 1
             if self._on_compile is not None:
                 self._on_compile(name, _describe(args, kwargs))
-            return fn(nnx.merge(graphdef, state), *args, **kwargs)
+            if self.mesh is None:
+                return fn(nnx.merge(graphdef, state), *args, **kwargs)
+            with use_sharding(self.mesh, self.rules):
+                return fn(nnx.merge(graphdef, state), *args, **kwargs)
 
         return program
 

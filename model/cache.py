@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from flaxlm.model.config import ModelConfig
+from flaxlm.model.sharding import constrain
 
 
 @struct.dataclass
@@ -42,6 +43,12 @@ class KVCache:
         layers = tuple(LayerCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
                        for _ in range(config.num_layers))
         return cls(layers=layers, lengths=jnp.zeros((batch_size,), jnp.int32))
+
+    def constrained(self) -> KVCache:
+        """This cache sharded on batch and kv heads (inside `sharding.use_sharding`)."""
+        layers = tuple(LayerCache(k=constrain(c.k, CACHE_LOGICAL_AXES),
+                                  v=constrain(c.v, CACHE_LOGICAL_AXES)) for c in self.layers)
+        return KVCache(layers=layers, lengths=constrain(self.lengths, ("batch",)))
 
 
 CACHE_LOGICAL_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")

@@ -1,0 +1,60 @@
+"""Sharded inference (8 CPU devices) gives the tokens of unsharded inference."""
+
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from flaxlm.infer import LLM, SamplingParams
+from flaxlm.model import ConfigError, load
+from tests.hf_models import make_hf_model, save_tokenizer
+
+PROMPTS = ["The quick brown fox", "Hello, world! 12345 def main():", "def"]
+GREEDY = SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True)
+BEAMS = SamplingParams(num_beams=4, num_return_sequences=2, max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("llama")
+    make_hf_model("llama-gqa", seed=7).save_pretrained(directory, safe_serialization=True)
+    save_tokenizer(directory, 320)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    llm = LLM.load(model_dir)
+    return {"greedy": llm.generate(PROMPTS, GREEDY), "beams": llm.generate(PROMPTS, BEAMS),
+            "sampled": llm.generate(PROMPTS, SamplingParams(temperature=0.9, top_p=0.9, seed=3,
+                                                            max_new_tokens=16))}
+
+
+@pytest.mark.parametrize("mesh", ["tensor=2,data=4", "data=2,fsdp=2,tensor=2", {"fsdp": 8}])
+def test_sharded_generation_equals_unsharded(model_dir, reference, mesh):
+    llm = LLM.load(model_dir, mesh=mesh)
+    kernel = llm.programs.state["layers"][0]["attn"]["q_proj"]["kernel"].get_value()
+    assert kernel.sharding.spec == P("fsdp", "tensor", None)
+    assert len(kernel.sharding.device_set) == 8
+    for name, params in (("greedy", GREEDY), ("beams", BEAMS)):
+        got = llm.generate(PROMPTS, params)
+        for ours, ref in zip(got, reference[name]):
+            assert [o.token_ids for o in ours.outputs] == [o.token_ids for o in ref.outputs], name
+    sampled = llm.generate(PROMPTS, SamplingParams(temperature=0.9, top_p=0.9, seed=3,
+                                                   max_new_tokens=16))
+    assert [r.token_ids for r in sampled] == [r.token_ids for r in reference["sampled"]]
+
+
+def test_stream_on_a_mesh(model_dir, reference):
+    llm = LLM.load(model_dir, mesh="data=4,tensor=2")
+    assert "".join(llm.stream(PROMPTS[0], GREEDY)) == reference["greedy"][0].text
+
+
+def test_bad_mesh_errors_before_loading(tmp_path):
+    with pytest.raises(ConfigError, match="has 6 devices, but 8 are available"):
+        LLM.load(tmp_path / "not-even-there", mesh={"data": 3, "tensor": 2})
+
+
+def test_indivisible_heads_named(model_dir):
+    model, tokenizer = load(model_dir)  # 2 kv heads
+    with pytest.raises(ConfigError, match=r"k_proj.kernel of shape .* not divisible by mesh axis "
+                                          r"'tensor' of size 8"):
+        LLM(model, tokenizer, mesh="tensor=8")
