@@ -57,6 +57,21 @@ def make_rules(overrides: Mapping[str, Any] | None = None, base: Rules = RULES) 
     return rules
 
 
+def parse_rules(items: Sequence[str]) -> dict[str, str | tuple[str, ...] | None]:
+    """Rule overrides from strings "NAME=AXIS", "NAME=AXIS+AXIS" or "NAME=none"
+    (e.g. a recipe's train.rules = ["mlp=fsdp+tensor", "embed=none"])."""
+    out: dict[str, str | tuple[str, ...] | None] = {}
+    for item in items:
+        name, sep, value = (x.strip() for x in item.partition("="))
+        if not sep or not name or not value:
+            raise ConfigError(f"a sharding rule is NAME=AXIS, NAME=AXIS+AXIS or NAME=none; "
+                              f"got {item!r}")
+        axes = tuple(a.strip() for a in value.split("+"))
+        out[name] = None if value.lower() == "none" else (axes[0] if len(axes) == 1 else axes)
+    make_rules(out)  # unknown mesh axes fail here
+    return out
+
+
 def _axes(value) -> tuple[str, ...]:
     if value is None:
         return ()

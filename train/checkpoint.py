@@ -40,18 +40,28 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, state: TrainState, data_iterator: grain.DatasetIterator) -> int:
-        """Save at the state's step; returns once the state is copied off the devices."""
+    def save(self, state: TrainState, data_iterator: grain.DatasetIterator | None = None) -> int:
+        """Save at the state's step (and the data position, when given); returns once the
+        state is copied off the devices."""
         step = int(state.step)
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         return step
 
     def restore(self, step: int, target: TrainState,
-                data_iterator: grain.DatasetIterator | None = None) -> TrainState:
-        """The TrainState saved at `step` (shaped like `target`); the data iterator, when
-        given, is moved to the saved position."""
+                data_iterator: grain.DatasetIterator | None = None,
+                shardings: TrainState | None = None) -> TrainState:
+        """The TrainState saved at `step`, shaped like `target` and placed on the shardings
+        of `target`'s leaves (arrays or ShapeDtypeStructs with a sharding), or on
+        `shardings` (a NamedSharding per leaf, e.g. `Steps.state_sharding`) when given.
+        The mesh may differ from the one the checkpoint was saved on: orbax reads each
+        device's slice of the new layout. The data iterator, when given, is moved to the
+        saved position."""
+        if shardings is not None:
+            target = jax.tree.map(
+                lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s), target, shardings)
         items = {"state": ocp.args.StandardRestore(target)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)

@@ -25,20 +25,35 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", metavar="MODEL",
                    help="fine-tune from a model (any name or path flaxlm.model.load accepts)")
     p.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() first (multi-host runs; the "
-                        "coordinator and process ids come from the environment)")
+                   help="call jax.distributed.initialize() first (multi-host runs); the "
+                        "coordinator and process ids come from the flags below, else "
+                        "JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID, else JAX's "
+                        "cluster detection (TPU pods, SLURM, Open MPI)")
+    p.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="process 0's address (implies --distributed)")
+    p.add_argument("--num-processes", type=int, metavar="N", help="implies --distributed")
+    p.add_argument("--process-id", type=int, metavar="I", help="implies --distributed")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the parameter, optimizer and activation memory per device "
+                        "that the recipe and its mesh (train.mesh) imply, then exit")
+    p.add_argument("--devices", type=int, metavar="N",
+                   help="with --dry-run: plan for N devices (default: the devices here; "
+                        "activation memory is then estimated by a formula, not compiled)")
 
 
 def _train(args: argparse.Namespace) -> int:
     from flaxlm.train.loop import train
     from flaxlm.train.recipe import Recipe
 
-    if args.distributed:
-        import jax
+    if (args.distributed or args.coordinator or args.num_processes is not None
+            or args.process_id is not None):
+        from flaxlm.train.distributed import initialize
 
-        jax.distributed.initialize()
+        initialize(args.coordinator, args.num_processes, args.process_id)
     overrides = tuple(args.overrides) + ((f"train.steps={args.steps}",) if args.steps else ())
     recipe = Recipe.load(args.config, overrides)
+    if args.dry_run:
+        return _dry_run(recipe, args.init, args.devices)
     run_dir = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     result = train(recipe, run_dir, init=args.init)
     summary = f"step {result.step}"
@@ -51,6 +66,18 @@ def _train(args: argparse.Namespace) -> int:
               f"{run_dir / 'checkpoints'}; run the same command to resume", file=sys.stderr)
         return SIGNAL_EXIT_CODES[result.stopped_by]
     print(f"done: {summary}; run directory {run_dir}")
+    return 0
+
+
+def _dry_run(recipe, init: str | None, devices: int | None) -> int:
+    from flaxlm.train.dryrun import memory_plan
+
+    config = None
+    if init is not None:  # the fine-tuned model's shape
+        from flaxlm.model.loading import load
+
+        config = recipe.model_config(load(init)[0].config)
+    print(memory_plan(recipe, config, num_devices=devices).report())
     return 0
 
 

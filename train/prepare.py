@@ -16,7 +16,6 @@ import grain
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
 
 from flaxlm.model.config import ModelConfig
 from flaxlm.model.decoder import Decoder
@@ -75,21 +74,21 @@ def prepare(recipe: Recipe, run_dir: str | Path, init: str | None = None) -> Run
     else:
         config = recipe.model_config()
     mesh = make_mesh(recipe.train.mesh)
-    _check_shapes(recipe, config, mesh)
+    check_shapes(recipe, config, mesh)
 
     source = _documents(recipe)
     split = data_lib.split_documents(len(source), recipe.data.eval_fraction, recipe.data.seed)
     tokenizer = _tokenizer(recipe, run_dir, config, source, split, init_tokenizer)
-    write_run_file(run_dir, recipe, config, init)
+    if jax.process_index() == 0:
+        write_run_file(run_dir, recipe, config, init)
 
     opt = make_optimizer(recipe.optimizer, recipe.train.steps)
     graphdef, target = abstract_state(config, opt)
-    steps = compile_steps(graphdef, opt, target, mesh)
+    steps = compile_steps(graphdef, opt, target, mesh, recipe.train.sharding_rules)
     train_iterator = iter(_train_dataset(recipe, source, split, tokenizer))
     if resume_step is not None:
-        target = jax.tree.map(lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s),
-                              target, steps.state_sharding)
-        state = checkpoints.restore(resume_step, target, train_iterator)
+        state = checkpoints.restore(resume_step, target, train_iterator,
+                                    shardings=steps.state_sharding)  # onto this run's mesh
     else:
         model = _initial_model(config, init_model, recipe.train.seed)
         state = jax.device_put(new_state(model, opt, recipe.train.seed)[1], steps.state_sharding)
@@ -113,7 +112,8 @@ def _writable_dir(run_dir: Path) -> Path:
     return run_dir
 
 
-def _check_shapes(recipe: Recipe, config: ModelConfig, mesh: Mesh) -> None:
+def check_shapes(recipe: Recipe, config: ModelConfig, mesh) -> None:
+    """Settings against the model and the mesh (a Mesh or AbstractMesh), before compiling."""
     seq_len, train = recipe.data.seq_len, recipe.train
     if seq_len > config.max_seq_len:
         raise ConfigError(f"data.seq_len {seq_len} is above the model's context "
@@ -177,7 +177,8 @@ def _tokenizer(recipe: Recipe, run_dir: Path, config: ModelConfig, source: Docum
     if tokenizer.vocab_size > config.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the "
                           f"model's vocab_size {config.vocab_size}")
-    tokenizer.save(directory)
+    if jax.process_index() == 0:  # one writer; the others trained or loaded the same one
+        tokenizer.save(directory)
     return tokenizer
 
 

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 from flaxlm.model.config import ModelConfig
 from flaxlm.model.errors import ConfigError
-from flaxlm.model.sharding import MeshShape
+from flaxlm.model.sharding import MeshShape, make_rules, parse_rules
 
 
 def _check(ok: bool, message: str) -> None:
@@ -92,9 +92,12 @@ class TrainConfig:
     seed: int = 0                 # parameter init and the step RNG
     mesh: str = "data=-1"         # device mesh (data, fsdp, tensor sizes; -1 takes the rest),
                                   # e.g. "fsdp=-1" or "data=2,fsdp=4"; see flaxlm.model.sharding
+    rules: tuple[str, ...] = ()   # sharding rule overrides, e.g. ["mlp=fsdp+tensor", "vocab=none"]
+                                  # (logical axis name = mesh axes; the rest from sharding.RULES)
 
     def __post_init__(self):
         MeshShape.parse(self.mesh)
+        parse_rules(self.rules)
         _check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
         _check(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
         _check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
@@ -105,6 +108,11 @@ class TrainConfig:
     @property
     def micro_batch(self) -> int:
         return self.batch_size // self.grad_accum
+
+    @property
+    def sharding_rules(self):
+        """The rules table: flaxlm.model.sharding.RULES with `rules` applied."""
+        return make_rules(parse_rules(self.rules))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +201,7 @@ class Recipe:
         out = {"model": dict(self.model)}
         out.update({name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS})
         out["data"]["files"] = list(self.data.files)
+        out["train"]["rules"] = list(self.train.rules)
         return out
 
 

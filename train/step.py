@@ -153,18 +153,28 @@ def state_shardings(target: TrainState, optimizer: optax.GradientTransformation,
     return TrainState(step=replicated, params=params, opt_state=opt_state, rng=replicated)
 
 
+def train_batch_sharding(mesh: Mesh, rules: Rules = RULES) -> NamedSharding:
+    return sharding_for((None, "batch", None), mesh, rules)  # [grad_accum, micro, seq]
+
+
+def jit_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
+                   shardings: TrainState, mesh: Mesh, rules: Rules = RULES):
+    """The jitted train step (state donated); trace or lower it inside `use_sharding`."""
+    return jax.jit(functools.partial(train_step, graphdef=graphdef, optimizer=optimizer),
+                   in_shardings=(shardings, train_batch_sharding(mesh, rules)),
+                   out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
+
+
 def compile_steps(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                   target: TrainState, mesh: Mesh, rules: Rules = RULES) -> Steps:
     """jit the steps with explicit shardings (state by `state_shardings`, batch rows over
     the mesh's batch axes); the train state is donated. `target` gives the state's shapes.
     Both programs are traced inside `use_sharding`, so activations are constrained too."""
     shardings = state_shardings(target, optimizer, mesh, rules)
-    train_batch = sharding_for((None, "batch", None), mesh, rules)  # [grad_accum, micro, seq]
+    train = jit_train_step(graphdef, optimizer, shardings, mesh, rules)
+    train_batch = train_batch_sharding(mesh, rules)
     eval_batch = sharding_for(("batch", None), mesh, rules)         # [batch, seq]
     metrics = NamedSharding(mesh, P())
-    train = jax.jit(functools.partial(train_step, graphdef=graphdef, optimizer=optimizer),
-                    in_shardings=(shardings, train_batch), out_shardings=(shardings, metrics),
-                    donate_argnums=0)
     evaluate = jax.jit(functools.partial(eval_step, graphdef=graphdef),
                        in_shardings=(shardings.params, eval_batch), out_shardings=metrics)
     return Steps(train=_in_context(train, mesh, rules), eval=_in_context(evaluate, mesh, rules),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,10 +13,10 @@ from flaxlm.model import Decoder, ModelConfig
 from flaxlm.train.data import Batch
 from flaxlm.train.optim import decay_mask, optimizer, schedule
 from flaxlm.train.recipe import OptimizerConfig
-from flaxlm.model.sharding import make_mesh
-from flaxlm.train.step import compile_steps, loss_sum, new_state, put_batch, token_losses
+from flaxlm.train.step import loss_sum, put_batch, token_losses
 
-from tests.train.conftest import TINY_MODEL
+from tests.train.conftest import (TINY_MODEL, accum_batch, compiled_steps, fresh_state,
+                                  initial_state, random_rows)
 
 CONFIG = ModelConfig.from_dict(TINY_MODEL)
 OPT = optimizer(OptimizerConfig(lr=1e-2, warmup_steps=0), total_steps=10)
@@ -28,38 +26,17 @@ OPT = optimizer(OptimizerConfig(lr=1e-2, warmup_steps=0), total_steps=10)
 SGD = optax.sgd(1.0)
 
 
-def _rows(num_rows: int, seq_len: int = 17, seed: int = 0) -> Batch:
-    """Random rows of two packed documents each (the second starts at a random column)."""
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, CONFIG.vocab_size, (num_rows, seq_len)).astype(np.int32)
-    cut = rng.integers(3, seq_len - 3, num_rows)[:, None]
-    columns = np.arange(seq_len)[None, :]
-    segments = np.where(columns < cut, 1, 2).astype(np.int32)
-    positions = np.where(columns < cut, columns, columns - cut).astype(np.int32)
-    return Batch(tokens=tokens, segment_ids=segments, positions=positions)
-
-
-@functools.lru_cache(maxsize=None)
-def _initial(config: ModelConfig, opt):
-    return new_state(Decoder(config.replace(remat="none", dtype="float32"), rngs=nnx.Rngs(0)),
-                     opt, seed=0)
-
-
-@functools.lru_cache(maxsize=None)
-def _steps(config: ModelConfig, mesh: str, opt):
-    graphdef, state = _initial(config, opt)
-    devices = jax.devices() if mesh != "data=1" else jax.devices()[:1]
-    return compile_steps(nnx.graphdef(Decoder(config, rngs=nnx.Rngs(0))), opt, state,
-                         make_mesh(mesh, devices))
+_rows = random_rows
+_initial = initial_state
+_steps = compiled_steps
+_reshape = accum_batch
 
 
 def _step(config: ModelConfig, batch: Batch, mesh: str = "data=1", opt=SGD):
     """One train step from the same initial state, on the first device (or over all
     devices with mesh="data=-1" etc.); compiled programs are reused across tests."""
     steps = _steps(config, mesh, opt)
-    state = jax.tree.map(lambda x: jnp.array(x, copy=True), _initial(config, opt)[1])
-    state = jax.device_put(state, steps.state_sharding)
-    return steps.train(state, put_batch(batch, steps.train_batch_sharding))
+    return steps.train(fresh_state(config, mesh, opt), put_batch(batch, steps.train_batch_sharding))
 
 
 _token_losses = jax.jit(token_losses, static_argnums=0)
