@@ -10,6 +10,13 @@ with tokens/s, MFU (flaxlm.train.metrics) and `jax_vs_torch_ratio` (the geometri
 mean over shapes of JAX tokens/s / PyTorch tokens/s).
 
     .venv/bin/python scripts/bench_train.py [--shapes tiny,smollm2-135m] [--steps N] [--rounds 3]
+
+With `--mesh LAYOUT` (repeatable) it instead times flaxlm's train step for the
+tiny shape on each mesh layout over 8 CPU devices (forced with XLA_FLAGS): a
+sanity check of sharding overhead, not a speed measurement.
+
+    .venv/bin/python scripts/bench_train.py --mesh data=8 --mesh fsdp=8 \
+        --mesh data=4,tensor=2 --mesh data=2,fsdp=2,tensor=2
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ def hf_model(config):
     return transformers.LlamaForCausalLM(hf_config).float().train()
 
 
-def jax_side(config, hf, batches, lr):
+def jax_side(config, hf, batches, lr, mesh: str = "data=1"):
     """A `run(n, start) -> last loss` for flaxlm's compiled train step on hf's weights."""
     import jax
 
@@ -61,7 +68,8 @@ def jax_side(config, hf, batches, lr):
     model = build_model(config, params_from_hf(config, tensors, "hf"), "hf")
     opt = optimizer(OptimizerConfig(lr=lr, warmup_steps=0, weight_decay=0.1), 10**6)
     graphdef, state = new_state(model, opt, seed=0)
-    steps = compile_steps(graphdef, opt, state, make_mesh("data=1", jax.devices()[:1]))
+    devices = jax.devices()[:1] if mesh == "data=1" else jax.devices()
+    steps = compile_steps(graphdef, opt, state, make_mesh(mesh, devices))
     state = jax.device_put(state, steps.state_sharding)
 
     def device_batch(rows):  # one micro-batch of whole rows: [1, batch, seq_len + 1]
@@ -154,13 +162,47 @@ def bench_shape(name: str, steps: int, rounds: int) -> dict:
     return out
 
 
+def bench_layouts(layouts: list[str], steps: int, rounds: int) -> list[dict]:
+    """Per-step time of the tiny shape's train step on each mesh layout."""
+    from flaxlm.model import ModelConfig
+
+    preset, batch, seq_len, default_steps = SHAPES["tiny"]
+    config = ModelConfig.preset(preset)
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, config.vocab_size, (batch, seq_len + 1)).astype(np.int32)
+               for _ in range(4)]
+    hf = hf_model(config)
+    results = []
+    for layout in ["data=1"] + layouts:
+        run = jax_side(config, hf, batches, lr=1e-4, mesh=layout)
+        loss = run(1)
+        times = []
+        for r in range(rounds):
+            t = time.perf_counter()
+            run(steps or default_steps, start=1 + r)
+            times.append((time.perf_counter() - t) / (steps or default_steps))
+        step_s = statistics.median(times)
+        log(f"mesh {layout}: {step_s * 1e3:.1f} ms/step, first loss {loss:.5f}")
+        results.append({"mesh": layout, "step_s": round(step_s, 5), "first_loss": loss})
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--steps", type=int, default=0,
                         help="timed steps per round (default: 20 tiny, 2 smollm2-135m)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--mesh", action="append", default=[],
+                        help="time the tiny train step on this mesh layout (8 CPU devices)")
     args = parser.parse_args()
+    if args.mesh:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + " --xla_force_host_platform_device_count=8")
+        results = bench_layouts(args.mesh, args.steps, args.rounds)
+        print(json.dumps({"benchmark": "train_step_layouts", "load_average": os.getloadavg(),
+                          "results": results}))
+        return
     import jax
     import torch
 
