@@ -8,12 +8,16 @@ import os
 import time
 from typing import Any, Iterator, Mapping, Sequence
 
+from jax.sharding import Mesh
+
+from flaxlm.infer.beam import run_beam_batch
 from flaxlm.infer.engine import Programs
 from flaxlm.infer.generate import Completion, Row, StreamEnd, run_batch, stream_row
 from flaxlm.infer.sampling import SamplingParams
 from flaxlm.model.decoder import Decoder
 from flaxlm.model.errors import ConfigError
 from flaxlm.model.loading import load
+from flaxlm.model.sharding import make_mesh
 from flaxlm.model.tokenizer import Tokenizer
 
 log = logging.getLogger("flaxlm.infer")
@@ -52,7 +56,7 @@ class LLM:
     """
 
     def __init__(self, model: Decoder, tokenizer: Tokenizer, *, max_batch: int = 64,
-                 verbose: bool = False):
+                 verbose: bool = False, mesh: Mesh | str | Mapping[str, int] | None = None):
         if tokenizer is None:
             raise ConfigError("LLM needs a tokenizer (the model directory has no tokenizer.json)")
         if max_batch < 1 or max_batch & (max_batch - 1):
@@ -62,14 +66,19 @@ class LLM:
         self.config = model.config
         self.max_batch = max_batch
         self.verbose = verbose
-        self.programs = Programs(model, on_compile=self._log_compile)
+        self.mesh = make_mesh(mesh) if mesh is not None else None
+        self.programs = Programs(model, on_compile=self._log_compile, mesh=self.mesh)
 
     @classmethod
     def load(cls, name_or_path: str | os.PathLike, *, dtype: str = "float32",
-             max_batch: int = 64, verbose: bool = False) -> LLM:
-        """Any name or path `flaxlm.model.load` accepts."""
-        model, tokenizer = load(name_or_path, dtype=dtype)
-        return cls(model, tokenizer, max_batch=max_batch, verbose=verbose)
+             max_batch: int = 64, verbose: bool = False, quantize: str | None = None,
+             mesh: Mesh | str | Mapping[str, int] | None = None) -> LLM:
+        """Any name or path `flaxlm.model.load` accepts; quantize="int8" for int8 weights;
+        mesh: a `jax.sharding.Mesh` with axes data/fsdp/tensor, or their sizes
+        ({"data": 2, "tensor": 4} or "data=2,tensor=4") to shard the model over."""
+        mesh = make_mesh(mesh) if mesh is not None else None  # checked before loading
+        model, tokenizer = load(name_or_path, dtype=dtype, quantize=quantize)
+        return cls(model, tokenizer, max_batch=max_batch, verbose=verbose, mesh=mesh)
 
     @property
     def num_compiled(self) -> int:
@@ -114,6 +123,9 @@ class LLM:
         params = params or SamplingParams()
         if params.n != 1:
             raise ConfigError(f"stream generates one sequence; got n={params.n}")
+        if params.num_beams > 1:
+            raise ConfigError(f"stream cannot show beam search (num_beams={params.num_beams}): "
+                              "no token is final before the search ends; use generate")
         if isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], Mapping):
             prompt = self.chat_prompt_ids(prompt)
         ids = self._prompt_ids(prompt, 0, params, truncate)
@@ -122,6 +134,8 @@ class LLM:
 
     def _generate(self, prompt_ids: list[list[int]], params: SamplingParams
                   ) -> list[GenerationResult]:
+        if params.num_beams > 1:
+            return self._generate_beams(prompt_ids, params)
         rows = self._rows(prompt_ids, params)
         completions: list[Completion] = []
         timings = []
@@ -137,6 +151,20 @@ class LLM:
             steps = max(t.max_new_tokens - 1, 1)
             results.append(GenerationResult(prompt_token_ids=ids, outputs=outs, ttft_s=t.ttft_s,
                                             time_per_output_token_s=(t.total_s - t.ttft_s) / steps))
+        return results
+
+    def _generate_beams(self, prompt_ids: list[list[int]], params: SamplingParams
+                        ) -> list[GenerationResult]:
+        """Beam search, max_batch // num_beams prompts per batch; outputs: the best hypotheses."""
+        rows = self._rows(prompt_ids, params)
+        per_batch = max(1, self.max_batch // params.num_beams)
+        results = []
+        for i in range(0, len(rows), per_batch):
+            outputs, t = run_beam_batch(self.programs, self.tokenizer, rows[i:i + per_batch])
+            per_token = t.total_s / max(t.max_new_tokens, 1)
+            results += [GenerationResult(prompt_token_ids=list(row.prompt_ids), outputs=outs,
+                                         ttft_s=t.ttft_s, time_per_output_token_s=per_token)
+                        for row, outs in zip(rows[i:i + per_batch], outputs)]
         return results
 
     def _rows(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[Row]:

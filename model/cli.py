@@ -162,3 +162,31 @@ def _convert(args: argparse.Namespace) -> None:
 
 convert_command = Command("convert a model to a Hugging Face directory",
                           _convert_arguments, _convert)
+
+
+# ---------------------------------------------------------------- quantize
+
+def _quantize_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="smollm2-135m-instruct, a .gguf file or an HF directory")
+    p.add_argument("dst", help="output directory (flaxlm int8 safetensors, config, tokenizer)")
+    p.add_argument("--keep-embeddings", action="store_true",
+                   help="leave the token embedding and LM head in float32")
+
+
+def _quantize(args: argparse.Namespace) -> None:
+    from flaxlm.model.loading import load, save_hf
+    from flaxlm.model.params import param_stats
+    from flaxlm.model.quant import quantize
+
+    if args.keep_embeddings:
+        model, tokenizer = load(args.src)
+        model = quantize(model, embeddings=False)
+    else:
+        model, tokenizer = load(args.src, quantize="int8")
+    out = save_hf(model, tokenizer, args.dst)
+    _, by_dtype = param_stats(model)
+    print(f"wrote {out} ({_format_bytes(by_dtype)})")
+
+
+quantize_command = Command("write an int8 copy of a model that `load` reads back as int8",
+                           _quantize_arguments, _quantize)

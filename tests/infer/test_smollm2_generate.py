@@ -9,7 +9,7 @@ from flaxlm.infer.sampling import SamplingParams
 from flaxlm.model import KVCache
 from tests.infer.greedy_reference import compare_greedy, hf_greedy
 
-NEW = 40
+NEW = 32
 QUESTIONS = ["What is the capital of France?",
              "Write a haiku about the sea.",
              "List three uses of a paperclip, briefly, and explain why each one works."]

@@ -1,0 +1,117 @@
+"""Int8 matmul formulations on the current JAX backend, at SmolLM2-135M's decode shapes.
+
+y[m, n] = sum_k x[m, k] * w[n, k] * scale[n] with w int8, x float32. As in a
+real decode step, each program multiplies a chain of distinct weights (enough
+to exceed the CPU caches: >= 100 MB of int8, at most 60 weights), each input
+depending on the previous output, so weights stream from memory and XLA
+cannot overlap or hoist the chain. Times are per weight (best of --repeats),
+with the ratio to the float32 matmul of the same chain (> 1: faster).
+
+    .venv/bin/python scripts/bench_int8_matmul.py [--rows 1] [--repeats 10]
+"""
+
+import argparse
+import json
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxlm.model.int8 import int8_matmul
+
+# (k, n): q/o_proj, k/v_proj, gate/up_proj, down_proj, the (tied) LM head of SmolLM2-135M.
+SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)]
+DIMS = (((1,), (1,)), ((), ()))  # contract x's k with w's k: w is [n, k], output-major
+
+
+def convert_dot(x, w, s):        # the obvious code: a float copy of the weight, then a dot
+    return jax.lax.dot_general(x, w.astype(x.dtype), DIMS) * s
+
+
+def dot_mixed(x, w, s):          # lax.dot_general on int8 directly (mixed input dtypes)
+    return jax.lax.dot_general(x, w, DIMS, preferred_element_type=jnp.float32) * s
+
+
+def mul_reduce(x, w, s):         # elementwise multiply and sum over k, fused by XLA
+    return jnp.sum(x[:, None, :] * w.astype(x.dtype)[None], axis=2) * s
+
+
+def int8_int8(x, w, s):          # activations quantized per row: int8 x int8 -> int32 dot
+    sx = jnp.max(jnp.abs(x), axis=1, keepdims=True) / 127.0
+    xq = jnp.round(x / jnp.maximum(sx, 1e-30)).astype(jnp.int8)
+    y = jax.lax.dot_general(xq, w, DIMS, preferred_element_type=jnp.int32)
+    return y.astype(jnp.float32) * sx * s
+
+
+def flaxlm_blocked(x, w, s):     # flaxlm.model.int8.int8_matmul (per-backend choice)
+    return int8_matmul(x, w, s[:, None])
+
+
+FORMULATIONS = {"convert_dot": convert_dot, "dot_mixed": dot_mixed, "mul_reduce": mul_reduce,
+                "int8_int8": int8_int8, "flaxlm_blocked": flaxlm_blocked}
+
+
+def chain(product, m, n):
+    def run(x, weights, scales):
+        y = jnp.zeros((m, n), jnp.float32)
+        for w, s in zip(weights, scales):
+            y = y + product(x + 1e-30 * y[:, :1], w, s)
+        return y
+    return jax.jit(run)
+
+
+def best_ms(fn, *args, repeats):
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def measure(m, k, n, names, repeats):
+    count = min(60, max(2, math.ceil(100e6 / (k * n))))
+    rng = np.random.default_rng(0)
+    weights = [jnp.asarray(rng.integers(-127, 128, (n, k), dtype=np.int8)) for _ in range(count)]
+    scales = [jnp.asarray(rng.uniform(1e-3, 1e-2, n).astype(np.float32)) for _ in range(count)]
+    x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32))
+    floats = [w.astype(jnp.float32) * s[:, None] for w, s in zip(weights, scales)]
+    ones = [jnp.ones((n,), jnp.float32)] * count
+    f32 = chain(lambda x, w, s: jax.lax.dot_general(x, w, DIMS), m, n)
+    reference = f32(x, floats, ones)
+    row = {"count": count, "f32": best_ms(f32, x, floats, ones, repeats=repeats) / count}
+    del floats
+    for name in names:
+        out = chain(FORMULATIONS[name], m, n)
+        got = out(x, weights, scales)
+        err = float(jnp.max(jnp.abs(got - reference)) / jnp.max(jnp.abs(reference)))
+        ok = err < (2e-2 if name == "int8_int8" else 1e-4)  # int8_int8 also rounds x
+        row[name] = best_ms(out, x, weights, scales, repeats=repeats) / count if ok else "wrong"
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="1", help="comma-separated m values (batch rows)")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--only", default=",".join(FORMULATIONS))
+    args = parser.parse_args()
+    names = args.only.split(",")
+    print(f"backend {jax.default_backend()}; ms per weight (ratio: float32 time / this time)")
+    print(f"{'m':>3} {'k':>5} {'n':>6} {'f32':>7}  " + "  ".join(f"{n:>16}" for n in names))
+    results = []
+    for m in (int(r) for r in args.rows.split(",")):
+        for k, n in SHAPES:
+            row = measure(m, k, n, names, args.repeats)
+            cells = [f"{row[x]:7.3f} ({row['f32'] / row[x]:5.2f}x)" if isinstance(row[x], float)
+                     else f"{row[x]:>16}" for x in names]
+            print(f"{m:>3} {k:>5} {n:>6} {row['f32']:7.3f}  " + "  ".join(cells), flush=True)
+            results.append({"m": m, "k": k, "n": n, **row})
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
