@@ -140,8 +140,8 @@ def smollm2(smollm2_path):
 
 @pytest.fixture(scope="module")
 def hf_smollm2(smollm2_path):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch
+    import transformers
     model = transformers.AutoModelForCausalLM.from_pretrained(
         smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32
     )
@@ -158,7 +158,7 @@ def test_smollm2_tensors_equal_transformers(smollm2, hf_smollm2):
 
 
 def test_smollm2_config_equals_transformers(smollm2, hf_smollm2):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     hf_config, _ = hf_smollm2
     ours = transformers.LlamaConfig(**smollm2.hf_config)  # our dict is a valid LlamaConfig
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

@@ -16,7 +16,7 @@ from flaxlm.model.errors import CheckpointError, FlaxlmError
 from flaxlm.model.gguf_io import read_gguf_metadata
 from flaxlm.model.tokenizer import Tokenizer, byte_level_pre_tokenizer
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (test extra)
 from transformers.integrations.gguf import gguf_tokenizer_mapping as hf_gguf  # noqa: E402
 
 TEXTS = [
