@@ -34,14 +34,24 @@ def attention_mask(q_positions: jax.Array, q_segments: jax.Array,
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           mask: jax.Array) -> jax.Array:
-    """q [b, t, heads, h], k/v [b, s, kv_heads, h], mask [b, t, s] -> [b, t, heads, h]."""
+    """q [b, t, heads, h], k/v [b, kv_heads, s, h], mask [b, t, s] -> [b, t, heads, h].
+
+    Two dots batched over (batch, kv head), each head's group of query heads
+    stacked as rows: the keys and values are used where they lie, no copies.
+    """
     b, t, n, h = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, n // kv_heads, h) * (h ** -0.5)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    kv_heads, s = k.shape[1], k.shape[2]
+    g = n // kv_heads
+    q = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, h)
+    q = q * (h ** -0.5)
+    batch_dims = ((0, 1), (0, 1))
+    logits = jax.lax.dot_general(q, k.astype(q.dtype), (((3,), (3,)), batch_dims),
+                                 preferred_element_type=jnp.float32)  # [b, kv, g * t, s]
+    logits = logits.reshape(b, kv_heads, g, t, s)
     logits = jnp.where(mask[:, None, None, :, :], logits, _MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kv_heads, g * t, s)
+    out = jax.lax.dot_general(probs, v, (((3,), (2,)), batch_dims))  # [b, kv, g * t, h]
+    out = out.reshape(b, kv_heads, g, t, h).transpose(0, 3, 1, 2, 4)
     return out.reshape(b, t, n, h)
 
 
@@ -75,6 +85,7 @@ class Attention(nnx.Module):
         if inv_freq is not None:
             q = apply_rope(q, positions, inv_freq)
             k = apply_rope(k, positions, inv_freq)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv_heads, t, h]
         if cache is not None:
             cache = LayerCache(k=write_rows(cache.k, k, write_at),
                                v=write_rows(cache.v, v, write_at))

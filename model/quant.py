@@ -29,7 +29,7 @@ from flaxlm.model.config import ModelConfig
 from flaxlm.model.decoder import Decoder
 from flaxlm.model.errors import CheckpointError, ConfigError
 from flaxlm.model.int8 import dequantize, int8_matmul, quantize_rows
-from flaxlm.model.layers import Einsum, Embedder
+from flaxlm.model.layers import Einsum, Embedder, einsum_num_inputs
 from flaxlm.model.params import fill_model, flat_params, path_name
 
 
@@ -106,7 +106,7 @@ def targets(config: ModelConfig, embeddings: bool = True) -> list[Target]:
     found = []
     for path, node in nnx.iter_graph(model):
         if isinstance(node, Einsum):
-            ndim, num_in = len(node.kernel.shape), _num_inputs(node.spec)
+            ndim, num_in = len(node.kernel.shape), einsum_num_inputs(node.spec)
             perm = tuple(range(num_in, ndim)) + tuple(range(num_in))
             found.append(Target(path_name(path) + ".kernel", path_name(path) + ".scale",
                                 perm, num_in))
@@ -115,19 +115,6 @@ def targets(config: ModelConfig, embeddings: bool = True) -> list[Target]:
         if model.lm_head is not None:
             found.append(Target("lm_head", "lm_head_scale", (1, 0), 1))
     return found
-
-
-def _num_inputs(spec: str) -> int:
-    """How many leading kernel axes an einsum spec contracts; they must also end x."""
-    inputs, out = spec.split("->")
-    x_spec, k_spec = inputs.split(",")
-    contracted = [c for c in k_spec if c in x_spec]
-    n = len(contracted)
-    if k_spec[:n] != "".join(contracted) or x_spec[len(x_spec) - n:] != k_spec[:n] \
-            or out != x_spec[:len(x_spec) - n] + k_spec[n:]:
-        raise ConfigError(f"einsum {spec!r} is not x[..., in] @ kernel[in, out]; "
-                          "flaxlm cannot quantize it")
-    return n
 
 
 def int8_abstract(config: ModelConfig, groups: dict[str, int]) -> Decoder:
