@@ -72,6 +72,9 @@ class Einsum(nnx.Module):
         return y
 
 
+SMALL_HEAD_ROWS = 64  # up to this many rows, `Embedder.attend` uses table @ x.T
+
+
 class Embedder(nnx.Module):
     """Token embedding table [vocab, embed]; `attend` gives tied output logits."""
 
@@ -85,10 +88,19 @@ class Embedder(nnx.Module):
         return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        # [..., embed] x [vocab, embed] -> [..., vocab]
-        return jnp.einsum("...d,vd->...v", x.astype(self.dtype),
-                          self.embedding[...].astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+        """Tied output logits: [..., embed] x [vocab, embed] -> [..., vocab] float32."""
+        table = self.embedding[...].astype(self.dtype)
+        x = x.astype(self.dtype)
+        rows = int(np.prod(x.shape[:-1]))
+        if rows > SMALL_HEAD_ROWS:
+            return jnp.einsum("...d,vd->...v", x, table, preferred_element_type=jnp.float32)
+        # Few rows (decode, prefill's last tokens): table @ x.T streams the table as the
+        # dot's left operand, 1.1x (1 row) to 1.6x (4 rows) faster on XLA:CPU than x @
+        # table.T; the barrier keeps XLA from folding the transpose back into the dot.
+        logits = jax.lax.dot_general(table, x.reshape(rows, -1), (((1,), (1,)), ((), ())),
+                                     preferred_element_type=jnp.float32)  # [vocab, rows]
+        logits = jax.lax.optimization_barrier(logits).T
+        return logits.reshape(*x.shape[:-1], -1)
 
 
 class Norm(nnx.Module):
