@@ -26,12 +26,11 @@ from flaxlm.model.errors import CheckpointError
 
 Q8_0_BLOCK = 32                  # values per GGUF Q8_0 block
 _Q8_0_BYTES = 2 + Q8_0_BLOCK     # float16 scale, then 32 int8 values
-# Float bytes of one converted block on CPU. Decode (few rows of x): small enough to
-# stay in L2 (measured fastest, scripts/bench_int8_matmul.py). Prefill (many rows):
-# larger blocks, so each dot is a big, multi-threaded GEMM and converting is amortized.
-CPU_BLOCK_BYTES = 1 << 18
-CPU_PREFILL_BLOCK_BYTES = 1 << 22
-PREFILL_ROWS = 32
+# Float bytes of one converted block on CPU: 4 MiB, so a layer's projection is two
+# blocks that stay in the shared L3 between convert and dot. In the batch-1 SmolLM2
+# decode step this measured fastest (256 KiB 28 ms, 1 MiB 27, 2 MiB 25, 4 MiB 21-22,
+# 8-16 MiB 22 ms per step; float32 24-25 ms), and prefill's GEMMs want big blocks too.
+CPU_BLOCK_BYTES = 1 << 22
 
 
 def quantize_rows(w: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -107,7 +106,7 @@ def _cpu_block_product(x, q, scale):
 
 def _blocked_matmul(x, q, scale):
     n, k = q.shape
-    rows = block_rows(n, k, CPU_PREFILL_BLOCK_BYTES if x.shape[0] >= PREFILL_ROWS else None)
+    rows = block_rows(n, k)
     if rows == n:
         return _cpu_block_product(x, q, scale)
     full = n // rows * rows

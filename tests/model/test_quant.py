@@ -220,10 +220,10 @@ def test_generation_and_beam_search_run_on_int8(tiny):
 def test_decode_step_holds_no_float_copy_of_the_weights():
     """Compile batch-1 decode for an int8 model without allocating it: the program's
     temporary buffers stay below one float weight block, far below the float head."""
-    config = ModelConfig(vocab_size=16384, embed_dim=128, num_layers=2, num_heads=4,
+    config = ModelConfig(vocab_size=65536, embed_dim=128, num_layers=2, num_heads=4,
                          num_kv_heads=2, head_dim=32, mlp_dim=2048, max_seq_len=128)
     groups = {t.kernel: 1 for t in targets(config)}
-    float_head = config.vocab_size * config.embed_dim * 4  # 8 MiB
+    float_head = config.vocab_size * config.embed_dim * 4  # 32 MiB
     for model, limit in ((int8_abstract(config, groups), 2 * int8.CPU_BLOCK_BYTES),
                          (abstract_model(config), None)):
         graphdef, state = nnx.split(model)
