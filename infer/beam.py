@@ -42,7 +42,7 @@ from flaxlm.infer.generate import (MIN_NEW_BUCKET, MIN_PROMPT_BUCKET, BatchTimin
                                    Row, bucket)
 from flaxlm.infer.sampling import EOS_WIDTH
 from flaxlm.infer.text import TextStream
-from flaxlm.model.cache import KVCache
+from flaxlm.model.cache import KVCache, LayerCache
 from flaxlm.model.decoder import Decoder
 from flaxlm.model.errors import ConfigError
 from flaxlm.model.tokenizer import Tokenizer
@@ -85,7 +85,7 @@ def gather_cache(cache: KVCache, indices: jax.Array, starts: jax.Array, window: 
 
         return jax.vmap(put)(x, jax.vmap(take)(indices, starts), starts)
 
-    layers = tuple(type(c)(k=reorder(c.k), v=reorder(c.v)) for c in cache.layers)
+    layers = tuple(LayerCache(k=reorder(c.k), v=reorder(c.v)) for c in cache.layers)
     return KVCache(layers=layers, lengths=cache.lengths[indices])
 
 

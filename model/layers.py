@@ -48,8 +48,8 @@ class Einsum(nnx.Module):
     def __init__(self, spec: str, kernel_shape, kernel_axes: Axes, *, fan_in: int,
                  bias_shape=None, bias_axes: Axes = (), dtype, param_dtype,
                  rngs: nnx.Rngs):
-        einsum_num_inputs(spec)  # checks the spec
         self.spec = spec
+        self.num_in = einsum_num_inputs(spec)  # leading kernel axes contracted
         self.dtype = dtype
         init = jax.nn.initializers.normal(stddev=1.0 / math.sqrt(fan_in))
         self.kernel = make_param(rngs, init, tuple(kernel_shape), kernel_axes, param_dtype)
@@ -63,8 +63,7 @@ class Einsum(nnx.Module):
         # activation to suit the weight, where a multi-axis einsum let XLA:CPU copy a
         # transposed o_proj weight every decode step (20% of the step).
         kernel = self.kernel[...].astype(self.dtype)
-        num_in = einsum_num_inputs(self.spec)
-        lead, out = x.shape[:x.ndim - num_in], kernel.shape[num_in:]
+        lead, out = x.shape[:x.ndim - self.num_in], kernel.shape[self.num_in:]
         x2 = x.astype(self.dtype).reshape(*lead, -1)
         y = jnp.matmul(x2, kernel.reshape(x2.shape[-1], -1)).reshape(*lead, *out)
         if self.bias is not None:

@@ -29,7 +29,7 @@ from flaxlm.model.config import ModelConfig
 from flaxlm.model.decoder import Decoder
 from flaxlm.model.errors import CheckpointError, ConfigError
 from flaxlm.model.int8 import dequantize, int8_matmul, quantize_rows
-from flaxlm.model.layers import Einsum, Embedder, einsum_num_inputs
+from flaxlm.model.layers import Einsum, Embedder
 from flaxlm.model.params import fill_model, flat_params, path_name
 
 
@@ -106,7 +106,7 @@ def targets(config: ModelConfig, embeddings: bool = True) -> list[Target]:
     found = []
     for path, node in nnx.iter_graph(model):
         if isinstance(node, Einsum):
-            ndim, num_in = len(node.kernel.shape), einsum_num_inputs(node.spec)
+            ndim, num_in = len(node.kernel.shape), node.num_in
             perm = tuple(range(num_in, ndim)) + tuple(range(num_in))
             found.append(Target(path_name(path) + ".kernel", path_name(path) + ".scale",
                                 perm, num_in))

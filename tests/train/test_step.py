@@ -47,6 +47,11 @@ def _reshape(batch: Batch, accum: int) -> Batch:
     return jax.tree.map(lambda x: x.reshape(accum, -1, x.shape[-1]), batch)
 
 
+def _assert_params_close(state, reference):
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(reference.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_grad_accumulation_equals_one_big_batch():
     rows = _rows(8)
     big_state, big = _step(CONFIG, _reshape(rows, 1))
@@ -54,8 +59,7 @@ def test_grad_accumulation_equals_one_big_batch():
     np.testing.assert_allclose(acc.loss, big.loss, rtol=1e-6)
     np.testing.assert_allclose(acc.grad_norm, big.grad_norm, rtol=1e-5)
     assert float(acc.tokens) == float(big.tokens)
-    for a, b in zip(jax.tree.leaves(acc_state.params), jax.tree.leaves(big_state.params)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    _assert_params_close(acc_state, big_state)
 
 
 @pytest.mark.parametrize("mesh", ["data=-1", "data=2,fsdp=4"])
@@ -65,8 +69,7 @@ def test_sharded_step_equals_one_device(mesh):
     state, metrics = _step(CONFIG, rows, mesh)
     assert len(jax.tree.leaves(state.params)[0].sharding.device_set) == jax.device_count()
     np.testing.assert_allclose(metrics.loss, one.loss, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(one_state.params)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    _assert_params_close(state, one_state)
 
 
 @pytest.mark.parametrize("policy", ["full", "dots"])
@@ -76,8 +79,7 @@ def test_remat_gives_the_same_loss_and_update(policy):
     remat_state, remat = _step(CONFIG.replace(remat=policy), rows)
     np.testing.assert_allclose(remat.loss, plain.loss, rtol=1e-6)
     np.testing.assert_allclose(remat.grad_norm, plain.grad_norm, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(remat_state.params), jax.tree.leaves(plain_state.params)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    _assert_params_close(remat_state, plain_state)
 
 
 def test_packed_rows_give_each_document_its_unpacked_loss():
