@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import uuid
 from pathlib import Path
 
 import grain
@@ -102,7 +103,9 @@ def prepare(recipe: Recipe, run_dir: str | Path, init: str | None = None) -> Run
 
 
 def _writable_dir(run_dir: Path) -> Path:
-    probe = run_dir / ".flaxlm-write-test"
+    # One probe per process: the processes of a multi-host run share the directory, and a
+    # shared probe name let one process delete the file the other was checking.
+    probe = run_dir / f".flaxlm-write-test-{uuid.uuid4().hex}"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe.write_text("ok")
