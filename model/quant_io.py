@@ -53,31 +53,25 @@ def int8_name(hf_name: str) -> str | None:
     return None
 
 
-def gguf_int8_params(config: ModelConfig, ckpt: GGUFCheckpoint, types: dict[str, str],
-                     source: str, *, strict: bool
+def gguf_int8_params(config: ModelConfig, ckpt: GGUFCheckpoint, source: str, *, strict: bool
                      ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Float-layout parameters and Q8_0 scales from a GGUF read with `dequantize=False`.
 
     Weights stored Q8_0 keep their int8 values and block scales (never converted
-    to float); every other tensor is dequantized to float32. With `strict`
+    to float); every other tensor arrives dequantized to float32. With `strict`
     (load's quantize="q8_0") a weight stored in another type is an error.
     """
     tensors, given = {}, {}
     for hf_name, data in ckpt.tensors.items():
-        path, kind = int8_name(hf_name), types[hf_name]
-        if path is not None and kind == "Q8_0":
+        path, stored_q8_0 = int8_name(hf_name), hf_name in ckpt.q8_0_rows
+        if path is not None and stored_q8_0:
             tensors[hf_name], given[path] = q8_0_to_int8(data, hf_name)
             continue
         if path is not None and strict:
             raise CheckpointError(
-                f"{source}: tensor {hf_name} is stored as {kind}; quantize='q8_0' loads only "
+                f"{source}: tensor {hf_name} is stored as {ckpt.types[hf_name]}; quantize='q8_0' loads only "
                 "Q8_0 weights as int8 (use quantize='int8' to quantize the others)")
-        tensors[hf_name] = _dequantized(data, kind)
+        if stored_q8_0:  # a Q8_0 tensor that has no int8 parameter
+            data = gguf.quants.dequantize(data, gguf.GGMLQuantizationType.Q8_0)
+        tensors[hf_name] = np.asarray(data, np.float32)
     return params_from_hf(config, tensors, source), given
-
-
-def _dequantized(data: np.ndarray, kind: str) -> np.ndarray:
-    if kind in ("F32", "F16"):
-        return np.asarray(data, np.float32)
-    qtype = gguf.GGMLQuantizationType[kind]
-    return np.asarray(gguf.quants.dequantize(data, qtype), np.float32)

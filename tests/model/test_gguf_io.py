@@ -7,7 +7,7 @@ import pytest
 
 from flaxlm.model.embedded import smollm2_gguf_path
 from flaxlm.model.errors import CheckpointError
-from flaxlm.model.gguf_io import gguf_tensor_types, read_gguf
+from flaxlm.model.gguf_io import can_dequantize, gguf_tensor_types, read_gguf
 
 QT = gguf.GGMLQuantizationType
 
@@ -194,7 +194,11 @@ def test_smollm2_tensor_types_and_raw_data(smollm2_path):
 # --- tiny hand-written files ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("qtype", [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1], ids=lambda q: q.name)
+# The types the gguf package can also write (its quantizers), on 32-value blocks.
+QUANTIZABLE_32 = [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.MXFP4]
+
+
+@pytest.mark.parametrize("qtype", QUANTIZABLE_32, ids=lambda q: q.name)
 def test_tiny_dequantizes_like_gguf_in_hf_order(tmp_path, qtype):
     weights = tiny_hf_weights()
     ckpt = read_gguf(write_tiny(tmp_path / "tiny.gguf", qtype, weights))
@@ -207,6 +211,68 @@ def test_tiny_dequantizes_like_gguf_in_hf_order(tmp_path, qtype):
         assert got.dtype == np.float32 and got.shape == weight.shape, name
         np.testing.assert_array_equal(got, expected, err_msg=name)
     assert gguf_tensor_types(tmp_path / "tiny.gguf")["model.layers.1.mlp.down_proj.weight"] == qtype.name
+
+
+# Every other type the package dequantizes: K-quants, IQ and ternary types (mostly
+# 256-value blocks). It has no quantizer for them, so their rows are random bytes,
+# redrawn until every value they decode to is finite: real blocks of the format.
+DEQUANTIZE_ONLY = [q for q in QT if can_dequantize(q) and q not in QUANTIZABLE_32]
+WIDE = dict(vocab=16, hidden=256, heads=2, kv_heads=1, inter=256)  # rows of whole 256-value blocks
+
+
+def random_blocks(qtype, rows, cols, rng):
+    """uint8 [rows, bytes] holding `cols` values per row in `qtype`, all finite when dequantized."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    data = rng.integers(0, 256, size=(rows, cols // block * size), dtype=np.uint8)
+    for _ in range(100):
+        with np.errstate(invalid="ignore", over="ignore"):
+            bad = ~np.isfinite(gguf.quants.dequantize(data, qtype)).all(axis=1)
+        if not bad.any():
+            return data
+        data[bad] = rng.integers(0, 256, size=(int(bad.sum()), data.shape[1]), dtype=np.uint8)
+    raise AssertionError(f"no finite {qtype.name} rows drawn")
+
+
+def write_wide(path, qtype, rng):
+    """A one-layer llama whose 2-D weights are random `qtype` rows; returns {GGUF name: stored rows}."""
+    h, hd = WIDE["hidden"], WIDE["hidden"] // WIDE["heads"]
+    shapes = {"token_embd.weight": (WIDE["vocab"], h), "output.weight": (WIDE["vocab"], h),
+              "blk.0.attn_q.weight": (h, h), "blk.0.attn_k.weight": (WIDE["kv_heads"] * hd, h),
+              "blk.0.attn_v.weight": (WIDE["kv_heads"] * hd, h), "blk.0.attn_output.weight": (h, h),
+              "blk.0.ffn_gate.weight": (WIDE["inter"], h), "blk.0.ffn_up.weight": (WIDE["inter"], h),
+              "blk.0.ffn_down.weight": (h, WIDE["inter"])}
+    stored = {name: random_blocks(qtype, rows, cols, rng) for name, (rows, cols) in shapes.items()}
+    norms = {name: (np.ones(h, np.float32), QT.F32)
+             for name in ("output_norm.weight", "blk.0.attn_norm.weight", "blk.0.ffn_norm.weight")}
+    kv = TINY_KV | {"llama.block_count": 1, "llama.embedding_length": h, "llama.feed_forward_length": WIDE["inter"],
+                    "llama.attention.head_count": WIDE["heads"], "llama.attention.head_count_kv": WIDE["kv_heads"],
+                    "llama.rope.dimension_count": hd}
+    write_gguf(path, {name: (data, qtype) for name, data in stored.items()} | norms, kv)
+    return stored
+
+
+@pytest.mark.parametrize("qtype", DEQUANTIZE_ONLY, ids=lambda q: q.name)
+def test_every_dequantizable_type_reads_in_hf_order(tmp_path, qtype):
+    stored = write_wide(tmp_path / f"{qtype.name}.gguf", qtype, np.random.default_rng(qtype.value))
+    ckpt = read_gguf(tmp_path / f"{qtype.name}.gguf")
+    assert ckpt.types["model.layers.0.mlp.down_proj.weight"] == qtype.name
+    for name, data in stored.items():
+        hf_name = gguf_name_to_hf(name)
+        got = ckpt.tensors[hf_name]
+        if name.endswith(("attn_q.weight", "attn_k.weight")):  # back into llama.cpp's row order
+            got = llama_cpp_permute(got, WIDE["heads"], WIDE["heads"] if "attn_q" in name else WIDE["kv_heads"])
+        np.testing.assert_array_equal(got, gguf.quants.dequantize(data, qtype), err_msg=name)
+    assert {name: ckpt.tensors[name].shape for name in ("model.layers.0.self_attn.k_proj.weight",
+                                                         "model.embed_tokens.weight")} == {
+        "model.layers.0.self_attn.k_proj.weight": (128, 256), "model.embed_tokens.weight": (16, 256)}
+
+
+def gguf_name_to_hf(name: str) -> str:
+    fixed = {"token_embd.weight": "model.embed_tokens.weight", "output.weight": "lm_head.weight"}
+    if name in fixed:
+        return fixed[name]
+    kind = name.split(".")[2]
+    return f"model.layers.0.{LAYER_SHAPES[kind][0]}.weight"
 
 
 def test_tiny_qk_permute_round_trip_is_exact(tmp_path):
@@ -305,7 +371,9 @@ def test_truncated_real_gguf(tmp_path, smollm2_cuts, where):
 
 def test_other_architecture(tmp_path):
     path = write_tiny(tmp_path / "gpt2.gguf", arch="gpt2")
-    assert_error(path, "'gpt2'", "general.architecture")
+    message = assert_error(path, "'gpt2'", "general.architecture")
+    for supported in ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "smollm3"):
+        assert supported in message
     with pytest.raises(CheckpointError, match="gpt2"):
         gguf_tensor_types(path)
 
@@ -329,12 +397,15 @@ def test_unexpected_tensor(tmp_path):
     assert_error(write_tiny(tmp_path / "bias.gguf", extra={"blk.0.attn_q.bias": bias}), "blk.0.attn_q.bias")
 
 
-def test_unsupported_tensor_type(tmp_path):
-    weight = tiny_hf_weights()["model.layers.0.mlp.down_proj.weight"]
-    q5 = (gguf.quants.quantize(weight, QT.Q5_0), QT.Q5_0)
-    path = write_tiny(tmp_path / "q5.gguf", extra={"blk.0.ffn_down.weight": q5})
-    assert_error(path, "'blk.0.ffn_down.weight'", "Q5_0")
-    assert_error(path, "Q5_0", dequantize=False)
+def test_unreadable_tensor_type_is_named_with_the_tensor(tmp_path):
+    """Q8_1 is a ggml type (llama.cpp's activation format) that the gguf package cannot dequantize."""
+    assert not can_dequantize(QT.Q8_1)
+    rows = TINY["hidden"]
+    q8_1 = (np.zeros((rows, TINY["inter"] // 32 * 40), np.uint8), QT.Q8_1)  # 40-byte blocks of 32
+    path = write_tiny(tmp_path / "q8_1.gguf", extra={"blk.0.ffn_down.weight": q8_1})
+    message = assert_error(path, "'blk.0.ffn_down.weight'", "Q8_1", "cannot dequantize")
+    assert "Q4_K" in message and "IQ2_XXS" in message  # and the types it does read
+    assert_error(path, "Q8_1", dequantize=False)
 
 
 def test_unrecoverable_rope_freqs(tmp_path):
