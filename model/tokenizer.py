@@ -2,15 +2,14 @@
 
 A `Tokenizer` is a `tokenizers.Tokenizer` (the backend) plus the named special
 tokens, the end-of-generation ids and the Jinja chat template. A GGUF carries no
-`tokenizer.json`: its byte-level BPE is rebuilt from the metadata, splitting text
-with the regex llama.cpp uses for `tokenizer.ggml.pre`.
+`tokenizer.json`: `flaxlm.model.gguf_tokenizer` rebuilds its backend from the
+metadata (byte-level BPE or SentencePiece).
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import logging
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -18,110 +17,14 @@ from typing import Any, Iterable, Mapping, Sequence
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as Backend
 
 from flaxlm.model.errors import CheckpointError
 from flaxlm.model.gguf_io import read_gguf_metadata
-
-logger = logging.getLogger(__name__)
+from flaxlm.model.gguf_tokenizer import gguf_backend
 
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
-GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
-
-# The splits llama.cpp (llama-vocab.cpp) applies before byte-level BPE, keyed by `tokenizer.ggml.pre`.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN35_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
-    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_TEKKEN_SPLIT = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_GPT4O_SPLIT = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_SPLITS = {
-    **dict.fromkeys(
-        ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
-         "jina-v5-nano", "dbrx", "smaug-bpe"), _LLAMA3_SPLIT),
-    **dict.fromkeys(("qwen2", "stablelm2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"), _QWEN2_SPLIT),
-    "qwen35": _QWEN35_SPLIT,
-    "tekken": _TEKKEN_SPLIT,
-    **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), _GPT4O_SPLIT),
-}
-# These split off every number character on its own (`\p{N}`), then apply the GPT-2 regex.
-_DIGIT_SPLIT_PRES = frozenset(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"))
-_GPT2_PRES = frozenset(("default", "gpt-2", "mpt", "olmo", "jais", "trillion", "granite-docling"))
-
-
-def byte_level_pre_tokenizer(pre: str | None) -> pre_tokenizers.PreTokenizer:
-    """The pre-tokenizer for a GGUF `tokenizer.ggml.pre` name (unknown names get GPT-2's, as in transformers)."""
-    if pre in _SPLITS:
-        split = pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated")
-        return pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    if pre in _DIGIT_SPLIT_PRES:
-        digits = pre_tokenizers.Digits(individual_digits=True)
-        return pre_tokenizers.Sequence([digits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    if pre not in _GPT2_PRES:
-        logger.warning("unknown tokenizer.ggml.pre %r: splitting text with the GPT-2 regex", pre)
-    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-
-
-@functools.lru_cache(maxsize=1)
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (`bytes_to_unicode`)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {byte: chr(byte) for byte in printable}
-    extra = (byte for byte in range(256) if byte not in table)
-    table.update({byte: chr(256 + index) for index, byte in enumerate(extra)})
-    return table
-
-
-def _byte_level_spelling(token: str) -> str:
-    """`token` in the byte alphabet; tokens already spelled in it are returned unchanged."""
-    alphabet = _byte_alphabet()
-    if set(token) <= set(alphabet.values()):
-        return token
-    return "".join(alphabet[byte] for byte in token.encode("utf-8"))
-
-
-def _require(fields: Mapping[str, Any], key: str, source: str) -> Any:
-    if key not in fields:
-        raise CheckpointError(f"{source}: GGUF metadata has no {key!r}")
-    return fields[key]
-
-
-def _gguf_backend(fields: Mapping[str, Any], source: str) -> Backend:
-    """A byte-level BPE backend from GGUF metadata; control and user-defined tokens stay whole."""
-    tokens = list(_require(fields, "tokenizer.ggml.tokens", source))
-    merges = [tuple(merge.split(" ", 1)) for merge in _require(fields, "tokenizer.ggml.merges", source)]
-    types = fields.get("tokenizer.ggml.token_type")
-    types = [] if types is None else list(types)
-    added = {index: kind for index, kind in enumerate(types) if kind in (GGUF_CONTROL, GGUF_USER_DEFINED)}
-    vocab = {(token if index in added else _byte_level_spelling(token)): index for index, token in enumerate(tokens)}
-    backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, continuing_subword_prefix="",
-                                 end_of_word_suffix=""))
-    backend.pre_tokenizer = byte_level_pre_tokenizer(fields.get("tokenizer.ggml.pre"))
-    backend.decoder = decoders.ByteLevel()
-    backend.add_tokens([AddedToken(tokens[i], normalized=False, special=False)
-                        for i, kind in added.items() if kind == GGUF_USER_DEFINED])
-    backend.add_special_tokens([AddedToken(tokens[i], normalized=False, special=True)
-                                for i, kind in added.items() if kind == GGUF_CONTROL])
-    return backend
-
-
 def _gguf_special(fields: Mapping[str, Any], backend: Backend, key: str, source: str) -> str | None:
     """The token named by the GGUF id `tokenizer.ggml.<key>`, or None when unset."""
     index = fields.get(f"tokenizer.ggml.{key}")
@@ -266,18 +169,16 @@ class Tokenizer:
     @classmethod
     def from_gguf_metadata(cls, fields: Mapping[str, Any], source: str = "GGUF metadata") -> Tokenizer:
         """Build from GGUF metadata read into python values; `source` names the file in errors."""
-        kind = fields.get("tokenizer.ggml.model")
-        if kind != "gpt2":
-            raise CheckpointError(f"{source}: tokenizer.ggml.model is {kind!r}; "
-                                  "only 'gpt2' (byte-level BPE) tokenizers are supported")
-        backend = _gguf_backend(fields, source)
+        backend = gguf_backend(fields, source)
+        # llama.cpp adds BOS to a SentencePiece vocabulary whose file does not say otherwise
+        default_bos = fields.get("tokenizer.ggml.model") == "llama"
         keys = ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id")
         special = {name: _gguf_special(fields, backend, key, source) for name, key in zip(SPECIAL_NAMES, keys)}
         extra_eos = [fields[key] for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
                      if fields.get(key) is not None]
         return cls(backend, special=special,
                    chat_template=fields.get("tokenizer.chat_template"),
-                   add_bos_token=bool(fields.get("tokenizer.ggml.add_bos_token", False)),
+                   add_bos_token=bool(fields.get("tokenizer.ggml.add_bos_token", default_bos)),
                    add_eos_token=bool(fields.get("tokenizer.ggml.add_eos_token", False)),
                    extra_eos_ids=extra_eos, source=source)
 

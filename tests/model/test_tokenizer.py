@@ -14,7 +14,8 @@ from flaxlm.model import embedded
 from flaxlm.model.embedded import smollm2_gguf_path
 from flaxlm.model.errors import CheckpointError, FlaxlmError
 from flaxlm.model.gguf_io import read_gguf_metadata
-from flaxlm.model.tokenizer import Tokenizer, byte_level_pre_tokenizer
+from flaxlm.model.gguf_tokenizer import byte_level_pre_tokenizer
+from flaxlm.model.tokenizer import Tokenizer
 
 import transformers  # noqa: E402  (test extra)
 from transformers.integrations.gguf import gguf_tokenizer_mapping as hf_gguf  # noqa: E402
@@ -317,8 +318,8 @@ def test_corrupt_tokenizer_config(saved_dir, tmp_path):
 
 
 def test_unsupported_gguf_tokenizer_model(metadata):
-    with pytest.raises(CheckpointError, match=r"model\.gguf.*'llama'.*only 'gpt2'"):
-        Tokenizer.from_gguf_metadata({**metadata, "tokenizer.ggml.model": "llama"}, source="model.gguf")
+    with pytest.raises(CheckpointError, match=r"model\.gguf.*'t5'.*'gpt2'.*'llama'"):
+        Tokenizer.from_gguf_metadata({**metadata, "tokenizer.ggml.model": "t5"}, source="model.gguf")
 
 
 def test_gguf_metadata_without_merges(metadata):
