@@ -1,4 +1,5 @@
-"""Causal self-attention with GQA/MQA, RoPE, sliding windows and the KV cache."""
+"""Causal self-attention with GQA/MQA, RoPE, q/k norms, soft-capping, sliding windows
+and the KV cache."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import numpy as np
 from flax import nnx
 
 from flaxlm.model.cache import LayerCache, write_rows
-from flaxlm.model.layers import Einsum, apply_rope
+from flaxlm.model.layers import Einsum, Norm, NormSpec
+from flaxlm.model.rope import RopeTable, apply_rope
 
 # Large negative instead of -inf: a fully masked row (a padding query) then
 # gives a uniform distribution instead of NaN.
@@ -32,21 +34,25 @@ def attention_mask(q_positions: jax.Array, q_segments: jax.Array,
     return mask
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                          mask: jax.Array) -> jax.Array:
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                          scale: float, softcap: float | None = None) -> jax.Array:
     """q [b, t, heads, h], k/v [b, kv_heads, s, h], mask [b, t, s] -> [b, t, heads, h].
 
     Two dots batched over (batch, kv head), each head's group of query heads
     stacked as rows: the keys and values are used where they lie, no copies.
+    Queries are multiplied by `scale`; with `softcap` the logits become
+    softcap * tanh(logits / softcap) before masking (Gemma 2).
     """
     b, t, n, h = q.shape
     kv_heads, s = k.shape[1], k.shape[2]
     g = n // kv_heads
     q = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, h)
-    q = q * (h ** -0.5)
+    q = q * scale
     batch_dims = ((0, 1), (0, 1))
     logits = jax.lax.dot_general(q, k.astype(q.dtype), (((3,), (3,)), batch_dims),
                                  preferred_element_type=jnp.float32)  # [b, kv, g * t, s]
+    if softcap is not None:
+        logits = jnp.tanh(logits / softcap) * softcap
     logits = logits.reshape(b, kv_heads, g, t, s)
     logits = jnp.where(mask[:, None, None, :, :], logits, _MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kv_heads, g * t, s)
@@ -56,9 +62,15 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
 
 class Attention(nnx.Module):
+    """q/k/v projections, optional per-head q/k norms, RoPE from the caller's table,
+    and the output projection. `query_scale` multiplies the queries (HF: head_dim
+    ** -0.5, Gemma: query_pre_attn_scalar ** -0.5)."""
+
     def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 qkv_bias: bool, out_bias: bool, dtype, param_dtype, rngs: nnx.Rngs):
+                 qkv_bias: bool, out_bias: bool, qk_norm: NormSpec | None, query_scale: float,
+                 softcap: float | None, dtype, param_dtype, rngs: nnx.Rngs):
         common = dict(fan_in=embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.query_scale, self.softcap = query_scale, softcap
 
         def qkv(heads: int, heads_axis: str) -> Einsum:
             return Einsum("btd,dnh->btnh", (embed_dim, heads, head_dim),
@@ -74,21 +86,24 @@ class Attention(nnx.Module):
                              bias_shape=(embed_dim,) if out_bias else None,
                              bias_axes=("embed",), fan_in=num_heads * head_dim,
                              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        norm = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, axis_name="head_dim")
+        self.q_norm = Norm(head_dim, qk_norm, **norm) if qk_norm is not None else None
+        self.k_norm = Norm(head_dim, qk_norm, **norm) if qk_norm is not None else None
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
-                 inv_freq: np.ndarray | None, cache: LayerCache | None = None,
-                 write_at: jax.Array | None = None):
-        """x [b, t, d]; returns (out [b, t, d], updated cache or None)."""
+    def __call__(self, x: jax.Array, mask: jax.Array, rope: RopeTable | None,
+                 cache: LayerCache | None = None, write_at: jax.Array | None = None):
+        """x [b, t, d], mask [b, t, kv slots]; returns (out [b, t, d], updated cache or None)."""
         q = self.q_proj(x)  # [b, t, heads, h]
         k = self.k_proj(x)  # [b, t, kv_heads, h]
         v = self.v_proj(x)
-        if inv_freq is not None:
-            q = apply_rope(q, positions, inv_freq)
-            k = apply_rope(k, positions, inv_freq)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv_heads, t, h]
         if cache is not None:
             cache = LayerCache(k=write_rows(cache.k, k, write_at),
                                v=write_rows(cache.v, v, write_at))
             k, v = cache.k.astype(q.dtype), cache.v.astype(q.dtype)
-        out = dot_product_attention(q, k, v, mask)
+        out = dot_product_attention(q, k, v, mask, self.query_scale, self.softcap)
         return self.o_proj(out), cache

@@ -1,4 +1,11 @@
-"""The decoder: one Flax NNX module for the Llama and GPT-2 families."""
+"""The decoder: one Flax NNX module for every supported architecture.
+
+`Decoder` reads its `ModelConfig` once, at construction, and hands each block
+only what it uses: the block gets its attention and MLP modules and its norm
+settings; the RoPE table and attention mask of its layer kind are arguments of
+each call. Everything architectural is static Python, so a Llama compiles to
+the same program as before the other families existed.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +15,11 @@ from flax import nnx
 
 from flaxlm.model.attention import Attention, attention_mask
 from flaxlm.model.cache import KVCache
-from flaxlm.model.config import ModelConfig
+from flaxlm.model.config import ModelConfig, RopeScaling, embed_scale
 from flaxlm.model.int8 import int8_matmul
-from flaxlm.model.layers import Embedder, Mlp, Norm, make_param, rope_inv_freq
+from flaxlm.model.layers import Embedder, Mlp, Norm, NormSpec, make_param
+from flaxlm.model.moe import MoeMlp
+from flaxlm.model.rope import rope_table
 from flaxlm.model.sharding import constrain
 
 
@@ -34,23 +43,66 @@ def _remat(policy: str):
 
 
 class Block(nnx.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + post(attn(norm(x))), then x + post(mlp(norm(x)));
+    the post-norms only where the architecture has them (Gemma 2/3)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        dt = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
-        self.attn_norm = Norm(cfg.embed_dim, cfg.norm_kind, cfg.norm_eps, **dt)
-        self.attn = Attention(embed_dim=cfg.embed_dim, num_heads=cfg.num_heads,
-                              num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-                              qkv_bias=cfg.attn_qkv_bias, out_bias=cfg.dense_bias, **dt)
-        self.mlp_norm = Norm(cfg.embed_dim, cfg.norm_kind, cfg.norm_eps, **dt)
-        self.mlp = Mlp(cfg.embed_dim, cfg.mlp_dim, gated=cfg.gated_mlp, bias=cfg.dense_bias,
-                       activation=cfg.activation, **dt)
+    def __init__(self, embed_dim: int, attn: Attention, mlp: Mlp | MoeMlp, norm: NormSpec, *,
+                 post_attn_norm: bool, post_mlp_norm: bool, dtype, param_dtype, rngs):
+        def make_norm(present: bool = True) -> Norm | None:
+            return (Norm(embed_dim, norm, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                    if present else None)
 
-    def __call__(self, x, positions, mask, inv_freq, cache=None, write_at=None):
-        h, cache = self.attn(self.attn_norm(x), positions, mask, inv_freq, cache, write_at)
+        self.attn_norm = make_norm()
+        self.attn = attn
+        self.attn_post_norm = make_norm(post_attn_norm)
+        self.mlp_norm = make_norm()
+        self.mlp = mlp
+        self.mlp_post_norm = make_norm(post_mlp_norm)
+
+    def __call__(self, x, mask, rope, cache=None, write_at=None):
+        """Returns (x, cache, router logits [b, t, experts] or None)."""
+        h, cache = self.attn(self.attn_norm(x), mask, rope, cache, write_at)
+        if self.attn_post_norm is not None:
+            h = self.attn_post_norm(h)
         x = x + h
-        x = x + self.mlp(self.mlp_norm(x))
-        return x, cache
+        router_logits = None
+        if isinstance(self.mlp, MoeMlp):
+            h, router_logits = self.mlp(self.mlp_norm(x))
+        else:
+            h = self.mlp(self.mlp_norm(x))
+        if self.mlp_post_norm is not None:
+            h = self.mlp_post_norm(h)
+        return x + h, cache, router_logits
+
+
+def _block(cfg: ModelConfig, i: int, norm: NormSpec, rngs: nnx.Rngs) -> Block:
+    """Layer i of `cfg`: its attention, dense or MoE MLP, and norms."""
+    dt = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+    scalar = cfg.query_pre_attn_scalar or cfg.head_dim
+    attn = Attention(embed_dim=cfg.embed_dim, num_heads=cfg.num_heads,
+                     num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                     qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias,
+                     qk_norm=norm if cfg.qk_norm else None, query_scale=scalar ** -0.5,
+                     softcap=cfg.attn_softcap, **dt)
+    if cfg.layer_kinds("mlp")[i] == "moe":
+        mlp = MoeMlp(cfg.embed_dim, cfg.expert_mlp_dim, num_experts=cfg.num_experts,
+                     experts_per_token=cfg.experts_per_token, router=cfg.router,
+                     renormalize=cfg.router_renormalize, activation=cfg.activation, **dt)
+    else:
+        mlp = Mlp(cfg.embed_dim, cfg.mlp_dim, gated=cfg.gated_mlp, bias=cfg.mlp_bias,
+                  activation=cfg.activation, **dt)
+    return Block(cfg.embed_dim, attn, mlp, norm, post_attn_norm=cfg.post_attn_norm,
+                 post_mlp_norm=cfg.post_mlp_norm, **dt)
+
+
+def layer_schedule(cfg: ModelConfig) -> tuple[tuple[int | None, str | None], ...]:
+    """Per layer: (its sliding window or None, its RoPE: "global", "local" or None)."""
+    out = []
+    for attention, positions in zip(cfg.layer_kinds("attention"), cfg.layer_kinds("positions")):
+        window = cfg.sliding_window if attention == "sliding" else None
+        local = attention == "sliding" and cfg.local_rope_theta is not None
+        out.append((window, None if positions == "none" else "local" if local else "global"))
+    return tuple(out)
 
 
 class Decoder(nnx.Module):
@@ -72,15 +124,16 @@ class Decoder(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+        norm = NormSpec(config.norm, config.norm_eps, config.norm_offset)
         self.embed = Embedder(config.vocab_size, config.embed_dim, dtype=dtype,
                               param_dtype=param_dtype, rngs=rngs)
         self.pos_embed = (
             make_param(rngs, jax.nn.initializers.normal(stddev=0.01),
                        (config.max_seq_len, config.embed_dim), (None, "embed"), param_dtype)
-            if not config.uses_rope else None)
-        self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
-        self.final_norm = Norm(config.embed_dim, config.norm_kind, config.norm_eps,
-                               dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            if config.learned_positions else None)
+        self.layers = nnx.List([_block(config, i, norm, rngs) for i in range(config.num_layers)])
+        self.final_norm = Norm(config.embed_dim, norm, dtype=dtype, param_dtype=param_dtype,
+                               rngs=rngs)
         self.lm_head = (
             None if config.tie_embeddings else
             make_param(rngs, jax.nn.initializers.normal(stddev=config.embed_dim ** -0.5),
@@ -90,53 +143,90 @@ class Decoder(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  attention_mask: jax.Array | None = None, cache: KVCache | None = None):
-        x, new_cache = self.hidden(tokens, positions, attention_mask, cache)
+        x, new_cache, _ = self._forward(tokens, positions, attention_mask, cache)
         logits = self.logits(x)
         return logits if cache is None else (logits, new_cache)
+
+    def with_router_logits(self, tokens: jax.Array, positions: jax.Array | None = None,
+                           attention_mask: jax.Array | None = None
+                           ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        """(logits, router logits [batch, seq, experts] of each MoE layer), for training."""
+        x, _, router_logits = self._forward(tokens, positions, attention_mask, None)
+        return self.logits(x), router_logits
 
     def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
                attention_mask: jax.Array | None = None, cache: KVCache | None = None
                ) -> tuple[jax.Array, KVCache | None]:
         """Final-norm hidden states [batch, seq, embed] and the updated cache (or None)."""
+        x, new_cache, _ = self._forward(tokens, positions, attention_mask, cache)
+        return x, new_cache
+
+    def _forward(self, tokens, positions, attention_mask, cache):
         cfg = self.config
         segments = (jnp.ones_like(tokens, dtype=jnp.int32) if attention_mask is None
                     else attention_mask.astype(jnp.int32))
         start = cache.lengths if cache is not None else jnp.zeros(tokens.shape[0], jnp.int32)
         if positions is None:
             positions = start[:, None] + jnp.maximum(jnp.cumsum(segments != 0, axis=1) - 1, 0)
-        mask, new_lengths = self._mask(positions, segments, cache)
+        schedule = layer_schedule(cfg)
+        masks, new_lengths = self._masks(positions, segments, cache, {w for w, _ in schedule})
+        ropes = self._ropes(positions, {r for _, r in schedule} - {None})
 
         x = self.embed(tokens)  # [batch, seq, embed]
+        if cfg.scale_embeddings:
+            # HF multiplies by sqrt(embed_dim) rounded to the weights' dtype.
+            x = x * jnp.asarray(embed_scale(cfg.embed_dim), cfg.param_dtype).astype(x.dtype)
         if self.pos_embed is not None:
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(x.dtype)
-        inv_freq = (rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-                    if cfg.uses_rope else None)
         x = constrain(x, ACTIVATION_AXES)
-        new_layers = []
+        new_layers, router_logits = [], []
         call_block = _call_block if cache is not None else _remat(cfg.remat)
-        for i, block in enumerate(self.layers):
+        for i, (block, (window, rope)) in enumerate(zip(self.layers, schedule)):
             layer_cache = cache.layers[i] if cache is not None else None
-            x, layer_cache = call_block(block, x, positions, mask, inv_freq, layer_cache, start)
+            with jax.named_scope(f"layer_{i}"):
+                x, layer_cache, logits = call_block(block, x, masks[window], ropes.get(rope),
+                                                    layer_cache, start)
             x = constrain(x, ACTIVATION_AXES)
             new_layers.append(layer_cache)
+            if logits is not None:
+                router_logits.append(logits)
         x = self.final_norm(x)
-        if cache is None:
-            return x, None
-        return x, KVCache(layers=tuple(new_layers), lengths=new_lengths)
+        new_cache = None if cache is None else KVCache(layers=tuple(new_layers),
+                                                       lengths=new_lengths)
+        return x, new_cache, tuple(router_logits)
 
-    def _mask(self, positions, segments, cache):
-        window = self.config.sliding_window
+    def _ropes(self, positions, kinds):
+        cfg = self.config
+        tables = {}
+        for kind in sorted(kinds):
+            if kind == "local":
+                tables[kind] = rope_table(positions, cfg.rotary_dim, cfg.local_rope_theta,
+                                          RopeScaling())
+            else:
+                tables[kind] = rope_table(positions, cfg.rotary_dim, cfg.rope_theta,
+                                          cfg.rope_scaling)
+        return tables
+
+    def _masks(self, positions, segments, cache, windows):
+        """One mask [batch, seq, kv slots] per distinct window, and the new cache lengths."""
         if cache is None:
-            return attention_mask(positions, segments, positions, segments, window), None
+            return {w: attention_mask(positions, segments, positions, segments, w)
+                    for w in windows}, None
         new_lengths = cache.lengths + jnp.sum(segments != 0, axis=1, dtype=jnp.int32)
         slots = jnp.arange(cache.max_len, dtype=jnp.int32)[None, :]
         slots = jnp.broadcast_to(slots, (segments.shape[0], cache.max_len))
         kv_segments = (slots < new_lengths[:, None]).astype(jnp.int32)
         q_segments = (segments != 0).astype(jnp.int32)
-        return attention_mask(positions, q_segments, slots, kv_segments, window), new_lengths
+        return {w: attention_mask(positions, q_segments, slots, kv_segments, w)
+                for w in windows}, new_lengths
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Output logits [..., vocab] (float32) from final hidden states [..., embed]."""
+        logits = self._head(x)
+        cap = self.config.final_softcap
+        return logits if cap is None else jnp.tanh(logits / cap) * cap
+
+    def _head(self, x: jax.Array) -> jax.Array:
         if self.lm_head is None:
             return self.embed.attend(x)
         if self.lm_head_scale is not None:

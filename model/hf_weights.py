@@ -1,8 +1,23 @@
 """Map Hugging Face state-dict tensors to flaxlm parameters and back.
 
 HF stores torch Linear weights as [out, in]; flaxlm stores einsum kernels with
-named dimensions, e.g. q_proj [embed, heads, head_dim]. GPT-2 uses Conv1D
-([in, out]) and a fused q/k/v projection, split here.
+named dimensions, e.g. q_proj [embed, heads, head_dim]. Every decoder family
+but GPT-2 shares Llama's names, with these variations, read from the config
+(post-norms mean Gemma's names) or from the tensors present:
+
+- Gemma 2/3: `post_attention_layernorm` is the attention post-norm and
+  `pre_feedforward_layernorm` / `post_feedforward_layernorm` surround the MLP.
+- Phi-3: fused `qkv_proj` [(heads + 2 kv heads) * h, d] and `gate_up_proj`
+  [2 * mlp, d], split on load into q/k/v and gate/up. Split is the layout
+  flaxlm keeps: a decode-shaped step over Phi-3-mini's shapes ran 3-10% faster
+  with separate matrices than fused ones on the 2-core Xeon
+  (scripts/bench_fused_proj.py, docs/benchmarks.md), and XLA needs no slices.
+- MoE: the router `gate` [experts, d] and per-expert weights, Mixtral's
+  `block_sparse_moe.experts.E.w1/w3/w2` or Qwen3-MoE's
+  `mlp.experts.E.gate_proj/up_proj/down_proj`, stacked on load into
+  [experts, ...] kernels; transformers 5's already stacked `mlp.experts.gate_up_proj`
+  / `down_proj` are read too.
+GPT-2 uses Conv1D ([in, out]) and a fused q/k/v projection, split here.
 """
 
 from __future__ import annotations
@@ -11,7 +26,6 @@ import numpy as np
 
 from flaxlm.model.config import ModelConfig
 from flaxlm.model.errors import CheckpointError
-
 
 
 class _Source:
@@ -30,36 +44,110 @@ class _Source:
         return self.prefix + name in self.tensors
 
 
+def _reshape(x: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
+    if x.size != int(np.prod(shape)):
+        raise CheckpointError(f"tensor {name} has shape {x.shape}, which does not fit "
+                              f"the config's {shape}")
+    return x.reshape(shape)
+
+
+def _norm_names(cfg: ModelConfig) -> dict[str, str]:
+    """flaxlm norm -> HF norm name inside a layer."""
+    if cfg.post_attn_norm or cfg.post_mlp_norm:  # Gemma 2/3
+        names = {"attn_norm": "input_layernorm", "mlp_norm": "pre_feedforward_layernorm"}
+        if cfg.post_attn_norm:
+            names["attn_post_norm"] = "post_attention_layernorm"
+        if cfg.post_mlp_norm:
+            names["mlp_post_norm"] = "post_feedforward_layernorm"
+        return names
+    return {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+
+
+# Expert weight names: (router, per-expert format with {e}, {gate, up, down} names).
+_EXPERT_NAMES = {
+    "mixtral": ("block_sparse_moe.gate", "block_sparse_moe.experts.{e}.",
+                {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}),
+    "qwen3_moe": ("mlp.gate", "mlp.experts.{e}.",
+                  {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}),
+}
+
+
 def params_from_hf(cfg: ModelConfig, tensors: dict[str, np.ndarray], source: str
                    ) -> dict[str, np.ndarray]:
     """flaxlm parameter dict ("layers.0.attn.q_proj.kernel" -> array) from HF tensors."""
-    if cfg.family == "gpt2":
-        prefix = "transformer." if any(k.startswith("transformer.") for k in tensors) else ""
-        get = _Source(tensors, source, prefix)
-        return _gpt2_from_hf(cfg, get)
-    return _llama_from_hf(cfg, _Source(tensors, source))
-
-
-def _llama_from_hf(cfg: ModelConfig, get: _Source) -> dict[str, np.ndarray]:
-    d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    if "wte.weight" in tensors or "transformer.wte.weight" in tensors:  # GPT-2
+        prefix = "transformer." if "transformer.wte.weight" in tensors else ""
+        return _gpt2_from_hf(cfg, _Source(tensors, source, prefix))
+    get = _Source(tensors, source)
     out = {"embed.embedding": get("model.embed_tokens.weight"),
            "final_norm.scale": get("model.norm.weight")}
     if not cfg.tie_embeddings:
         out["lm_head"] = get("lm_head.weight").T
-    for i in range(cfg.num_layers):
+    for i, mlp_kind in enumerate(cfg.layer_kinds("mlp")):
         hf, ours = f"model.layers.{i}.", f"layers.{i}."
-        out[ours + "attn_norm.scale"] = get(hf + "input_layernorm.weight")
-        out[ours + "mlp_norm.scale"] = get(hf + "post_attention_layernorm.weight")
-        for proj, heads in (("q_proj", n), ("k_proj", k), ("v_proj", k)):
-            w = get(f"{hf}self_attn.{proj}.weight")  # [heads * h, d]
-            out[f"{ours}attn.{proj}.kernel"] = _reshape(w.T, (d, heads, h), hf + proj)
-            if cfg.qkv_bias:
-                b = get(f"{hf}self_attn.{proj}.bias")
-                out[f"{ours}attn.{proj}.bias"] = _reshape(b, (heads, h), hf + proj)
-        w = get(hf + "self_attn.o_proj.weight")  # [d, n * h]
-        out[ours + "attn.o_proj.kernel"] = _reshape(w.T, (n, h, d), hf + "o_proj")
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            out[f"{ours}mlp.{proj}.kernel"] = get(f"{hf}mlp.{proj}.weight").T
+        for norm, name in _norm_names(cfg).items():
+            out[f"{ours}{norm}.scale"] = get(f"{hf}{name}.weight")
+        out.update(_attention_from_hf(cfg, get, hf, ours))
+        if mlp_kind == "moe":
+            out.update(_experts_from_hf(cfg, get, hf, ours))
+        else:
+            out.update(_mlp_from_hf(cfg, get, hf, ours))
+    return out
+
+
+def _attention_from_hf(cfg: ModelConfig, get: _Source, hf: str, ours: str) -> dict:
+    d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    out = {}
+    if get.has(hf + "self_attn.qkv_proj.weight"):  # Phi-3: [(n + 2k) * h, d]
+        fused = get(hf + "self_attn.qkv_proj.weight")
+        weights = dict(zip(("q_proj", "k_proj", "v_proj"),
+                           np.split(fused, [n * h, (n + k) * h], axis=0)))
+    else:
+        weights = {p: get(f"{hf}self_attn.{p}.weight") for p in ("q_proj", "k_proj", "v_proj")}
+    for proj, heads in (("q_proj", n), ("k_proj", k), ("v_proj", k)):
+        out[f"{ours}attn.{proj}.kernel"] = _reshape(weights[proj].T, (d, heads, h), hf + proj)
+        if cfg.qkv_bias:
+            b = get(f"{hf}self_attn.{proj}.bias")
+            out[f"{ours}attn.{proj}.bias"] = _reshape(b, (heads, h), hf + proj)
+    w = get(hf + "self_attn.o_proj.weight")  # [d, n * h]
+    out[ours + "attn.o_proj.kernel"] = _reshape(w.T, (n, h, d), hf + "o_proj")
+    if cfg.out_bias:
+        out[ours + "attn.o_proj.bias"] = get(hf + "self_attn.o_proj.bias")
+    if cfg.qk_norm:
+        for norm in ("q_norm", "k_norm"):
+            out[f"{ours}attn.{norm}.scale"] = get(f"{hf}self_attn.{norm}.weight")
+    return out
+
+
+def _mlp_from_hf(cfg: ModelConfig, get: _Source, hf: str, ours: str) -> dict:
+    if get.has(hf + "mlp.gate_up_proj.weight"):  # Phi-3: [2 * mlp, d], gate first
+        gate, up = np.split(get(hf + "mlp.gate_up_proj.weight"), 2, axis=0)
+        weights = {"gate_proj": gate, "up_proj": up}
+    else:
+        projs = ("gate_proj", "up_proj") if cfg.gated_mlp else ("up_proj",)
+        weights = {p: get(f"{hf}mlp.{p}.weight") for p in projs}
+    weights["down_proj"] = get(hf + "mlp.down_proj.weight")
+    out = {f"{ours}mlp.{p}.kernel": w.T for p, w in weights.items()}
+    if cfg.mlp_bias:
+        out.update({f"{ours}mlp.{p}.bias": get(f"{hf}mlp.{p}.bias") for p in weights})
+    return out
+
+
+def _experts_from_hf(cfg: ModelConfig, get: _Source, hf: str, ours: str) -> dict:
+    if get.has(hf + "mlp.experts.gate_up_proj"):  # transformers 5's stacked layout
+        gate, up = np.split(get(hf + "mlp.experts.gate_up_proj"), 2, axis=1)  # [E, 2F, d]
+        stacked = {"gate_proj": gate, "up_proj": up,
+                   "down_proj": get(hf + "mlp.experts.down_proj")}       # [E, d, F]
+        router = get(hf + "mlp.gate.weight")
+    else:
+        style = "mixtral" if get.has(hf + "block_sparse_moe.gate.weight") else "qwen3_moe"
+        router_name, expert, names = _EXPERT_NAMES[style]
+        router = get(f"{hf}{router_name}.weight")
+        stacked = {ours_name: np.stack([get(f"{hf}{expert.format(e=e)}{theirs}.weight")
+                                        for e in range(cfg.num_experts)])
+                   for ours_name, theirs in names.items()}
+    out = {f"{ours}mlp.{p}.kernel": w.transpose(0, 2, 1) for p, w in stacked.items()}
+    out[ours + "mlp.router"] = router.T  # [d, experts]
     return out
 
 
@@ -90,39 +178,69 @@ def _gpt2_from_hf(cfg: ModelConfig, get: _Source) -> dict[str, np.ndarray]:
     return out
 
 
-def _reshape(x: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
-    if x.size != int(np.prod(shape)):
-        raise CheckpointError(f"tensor {name} has shape {x.shape}, which does not fit "
-                              f"the config's {shape}")
-    return x.reshape(shape)
+# ------------------------------------------------------------------ export
 
-
-def params_to_hf(cfg: ModelConfig, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """HF state dict from flaxlm parameters (the inverse of `params_from_hf`)."""
+def params_to_hf(cfg: ModelConfig, params: dict[str, np.ndarray], model_type: str
+                 ) -> dict[str, np.ndarray]:
+    """HF state dict of `model_type` (what `config_to_hf` chose) from flaxlm parameters."""
     p = {k: np.asarray(v) for k, v in params.items()}
-    if cfg.family == "gpt2":
+    if model_type == "gpt2":
         return _gpt2_to_hf(cfg, p)
-    return _llama_to_hf(cfg, p)
-
-
-def _llama_to_hf(cfg: ModelConfig, p: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    d = cfg.embed_dim
     out = {"model.embed_tokens.weight": p["embed.embedding"],
            "model.norm.weight": p["final_norm.scale"]}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = p["lm_head"].T
-    for i in range(cfg.num_layers):
+    for i, mlp_kind in enumerate(cfg.layer_kinds("mlp")):
         hf, ours = f"model.layers.{i}.", f"layers.{i}."
-        out[hf + "input_layernorm.weight"] = p[ours + "attn_norm.scale"]
-        out[hf + "post_attention_layernorm.weight"] = p[ours + "mlp_norm.scale"]
-        for proj in ("q_proj", "k_proj", "v_proj"):
-            kernel = p[f"{ours}attn.{proj}.kernel"]
-            out[f"{hf}self_attn.{proj}.weight"] = kernel.reshape(d, -1).T
-            if cfg.qkv_bias:
-                out[f"{hf}self_attn.{proj}.bias"] = p[f"{ours}attn.{proj}.bias"].reshape(-1)
-        out[hf + "self_attn.o_proj.weight"] = p[ours + "attn.o_proj.kernel"].reshape(-1, d).T
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            out[f"{hf}mlp.{proj}.weight"] = p[f"{ours}mlp.{proj}.kernel"].T
+        for norm, name in _norm_names(cfg).items():
+            out[f"{hf}{name}.weight"] = p[f"{ours}{norm}.scale"]
+        out.update(_attention_to_hf(cfg, p, hf, ours, fused=model_type == "phi3"))
+        if mlp_kind == "moe":
+            out.update(_experts_to_hf(cfg, p, hf, ours, model_type))
+        else:
+            out.update(_mlp_to_hf(cfg, p, hf, ours, fused=model_type == "phi3"))
+    return out
+
+
+def _attention_to_hf(cfg: ModelConfig, p: dict, hf: str, ours: str, fused: bool) -> dict:
+    d = cfg.embed_dim
+    weights = {proj: p[f"{ours}attn.{proj}.kernel"].reshape(d, -1).T
+               for proj in ("q_proj", "k_proj", "v_proj")}
+    if fused:
+        out = {hf + "self_attn.qkv_proj.weight": np.concatenate(list(weights.values()))}
+    else:
+        out = {f"{hf}self_attn.{proj}.weight": w for proj, w in weights.items()}
+    if cfg.qkv_bias:
+        out.update({f"{hf}self_attn.{proj}.bias": p[f"{ours}attn.{proj}.bias"].reshape(-1)
+                    for proj in weights})
+    out[hf + "self_attn.o_proj.weight"] = p[ours + "attn.o_proj.kernel"].reshape(-1, d).T
+    if cfg.out_bias:
+        out[hf + "self_attn.o_proj.bias"] = p[ours + "attn.o_proj.bias"]
+    if cfg.qk_norm:
+        for norm in ("q_norm", "k_norm"):
+            out[f"{hf}self_attn.{norm}.weight"] = p[f"{ours}attn.{norm}.scale"]
+    return out
+
+
+def _mlp_to_hf(cfg: ModelConfig, p: dict, hf: str, ours: str, fused: bool) -> dict:
+    projs = ("gate_proj", "up_proj", "down_proj") if cfg.gated_mlp else ("up_proj", "down_proj")
+    weights = {proj: p[f"{ours}mlp.{proj}.kernel"].T for proj in projs}
+    if fused:
+        gate_up = np.concatenate([weights.pop("gate_proj"), weights.pop("up_proj")])
+        weights = {"gate_up_proj": gate_up, **weights}
+    out = {f"{hf}mlp.{proj}.weight": w for proj, w in weights.items()}
+    if cfg.mlp_bias:
+        out.update({f"{hf}mlp.{proj}.bias": p[f"{ours}mlp.{proj}.bias"] for proj in projs})
+    return out
+
+
+def _experts_to_hf(cfg: ModelConfig, p: dict, hf: str, ours: str, model_type: str) -> dict:
+    router_name, expert, names = _EXPERT_NAMES[model_type]
+    out = {f"{hf}{router_name}.weight": p[ours + "mlp.router"].T}
+    for proj, theirs in names.items():
+        stacked = p[f"{ours}mlp.{proj}.kernel"]  # [E, in, out]
+        for e in range(cfg.num_experts):
+            out[f"{hf}{expert.format(e=e)}{theirs}.weight"] = stacked[e].T
     return out
 
 

@@ -1,4 +1,4 @@
-"""Building blocks: parameters with logical axis names, projections, norms, RoPE, MLP.
+"""Building blocks: parameters with logical axis names, projections, norms, the MLP.
 
 Every parameter is an `nnx.Param` whose `logical_axes` metadata names its
 dimensions (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, ...);
@@ -7,6 +7,7 @@ dimensions (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, ...);
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -14,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flaxlm.model.config import RopeScaling
 from flaxlm.model.errors import ConfigError
 
 Axes = tuple[str | None, ...]
@@ -102,27 +102,45 @@ class Embedder(nnx.Module):
         return logits.reshape(*x.shape[:-1], -1)
 
 
-class Norm(nnx.Module):
-    """RMSNorm (HF Llama semantics) or LayerNorm with bias, computed in float32."""
+@dataclasses.dataclass(frozen=True)
+class NormSpec:
+    """What every norm of a model shares: RMSNorm or LayerNorm, epsilon, weight offset."""
 
-    def __init__(self, dim: int, kind: str, eps: float, *, dtype, param_dtype, rngs):
-        self.kind = kind
-        self.eps = eps
+    kind: str = "rmsnorm"
+    eps: float = 1e-5
+    offset: float = 0.0  # the scale is offset + weight (Gemma: 1 + w)
+
+
+class Norm(nnx.Module):
+    """RMSNorm or LayerNorm with bias over the last axis, computed in float32.
+
+    Without an offset the normalized x is cast to the compute dtype before the
+    scale multiplies it (HF Llama); with one, (offset + w) multiplies in float32
+    and the product is cast (HF Gemma).
+    """
+
+    def __init__(self, dim: int, spec: NormSpec, *, dtype, param_dtype, rngs,
+                 axis_name: str = "embed"):
+        self.kind, self.eps, self.offset = spec.kind, spec.eps, spec.offset
         self.dtype = dtype
-        self.scale = make_param(rngs, jax.nn.initializers.ones, (dim,), ("embed",), param_dtype)
-        self.bias = (make_param(rngs, jax.nn.initializers.zeros, (dim,), ("embed",), param_dtype)
-                     if kind == "layernorm" else None)
+        init = jax.nn.initializers.constant(1.0 - spec.offset)  # an effective scale of 1
+        self.scale = make_param(rngs, init, (dim,), (axis_name,), param_dtype)
+        self.bias = (make_param(rngs, jax.nn.initializers.zeros, (dim,), (axis_name,),
+                                param_dtype)
+                     if spec.kind == "layernorm" else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(jnp.float32)
         if self.kind == "layernorm":
             x = x - jnp.mean(x, axis=-1, keepdims=True)
         x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-        if self.kind == "rmsnorm":
-            # HF casts back to the input dtype before multiplying by the weight.
-            return self.scale[...].astype(self.dtype) * x.astype(self.dtype)
-        y = x * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return y.astype(self.dtype)
+        scale = self.offset + self.scale[...].astype(jnp.float32)
+        if self.kind == "layernorm":
+            return (x * scale + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+        if self.offset:
+            return (x * scale).astype(self.dtype)
+        # HF casts back to the input dtype before multiplying by the weight.
+        return self.scale[...].astype(self.dtype) * x.astype(self.dtype)
 
 
 ACTIVATIONS = {
@@ -159,35 +177,3 @@ class Mlp(nnx.Module):
         return self.down_proj(h)
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> np.ndarray:
-    """Inverse frequencies [head_dim // 2] with HF's linear / llama3 scaling."""
-    # float32 throughout, in HF's order of operations, so angles match at long positions.
-    exponent = np.arange(0, head_dim, 2).astype(np.float32) / np.float32(head_dim)
-    inv_freq = np.float32(1.0) / (np.float32(theta) ** exponent)
-    if scaling.kind == "linear":
-        inv_freq = inv_freq / scaling.factor
-    elif scaling.kind == "llama3":
-        inv_freq = _llama3_inv_freq(inv_freq, scaling)
-    return inv_freq.astype(np.float32)
-
-
-def _llama3_inv_freq(inv_freq: np.ndarray, s: RopeScaling) -> np.ndarray:
-    low_freq_wavelen = s.original_max_position / s.low_freq_factor
-    high_freq_wavelen = s.original_max_position / s.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
-    smooth = ((s.original_max_position / wavelen - s.low_freq_factor)
-              / (s.high_freq_factor - s.low_freq_factor))
-    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
-    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
-    return np.where(is_medium, smoothed, scaled)
-
-
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate x [batch, seq, heads, head_dim] by positions [batch, seq] (HF rotate_half layout)."""
-    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [b, t, h/2]
-    sin = jnp.sin(angles)[:, :, None, :]
-    cos = jnp.cos(angles)[:, :, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)

@@ -9,6 +9,8 @@ scales beside the int8 values (gemma's IntDense):
     embed.scale                  float32 [vocab, groups]
     lm_head                      int8    [vocab, embed]             (untied heads)
     lm_head_scale                float32 [vocab, groups]
+    layers.0.mlp.gate_proj.kernel int8   [expert, mlp, embed]       (MoE experts)
+    layers.0.mlp.gate_proj.scale float32 [expert, mlp, groups]
 
 Kernels are stored output-major (the float kernel's input axes moved last),
 with their logical axis names permuted alike, so sharding rules apply
@@ -30,6 +32,7 @@ from flaxlm.model.decoder import Decoder
 from flaxlm.model.errors import CheckpointError, ConfigError
 from flaxlm.model.int8 import dequantize, int8_matmul, quantize_rows
 from flaxlm.model.layers import Einsum, Embedder
+from flaxlm.model.moe import ExpertKernel
 from flaxlm.model.params import fill_model, flat_params, path_name
 
 
@@ -57,6 +60,27 @@ class QuantEinsum(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
+
+
+class QuantExpertKernel(nnx.Module):
+    """`ExpertKernel` with int8 kernels [expert, out, in] and float32 scales [expert, out, groups]."""
+
+    def __init__(self, kernel: jax.Array, kernel_axes, scale: jax.Array, dtype):
+        self.dtype = dtype
+        self.kernel = nnx.Param(kernel, logical_axes=tuple(kernel_axes))
+        self.scale = nnx.Param(scale, logical_axes=tuple(kernel_axes[:2]) + (None,))
+
+    def one(self, e: jax.Array, x: jax.Array) -> jax.Array:
+        """x [T, in] through expert e -> [T, out]: only that expert's int8 rows are read."""
+        q = jax.lax.dynamic_index_in_dim(self.kernel[...], e, keepdims=False)
+        scale = jax.lax.dynamic_index_in_dim(self.scale[...], e, keepdims=False)
+        return int8_matmul(x.astype(self.dtype), q, scale).astype(self.dtype)
+
+    def all(self, x: jax.Array) -> jax.Array:
+        """x [T, in] or [expert, T, in] through every expert -> [expert, T, out]."""
+        w = jax.vmap(lambda q, s: dequantize(q, s, self.dtype))(self.kernel[...], self.scale[...])
+        spec = "ti,eoi->eto" if x.ndim == 2 else "eti,eoi->eto"
+        return jnp.einsum(spec, x.astype(self.dtype), w)
 
 
 class QuantEmbedder(nnx.Module):
@@ -100,16 +124,19 @@ def _first_int8(model: nnx.Module) -> str | None:
 
 
 def targets(config: ModelConfig, embeddings: bool = True) -> list[Target]:
-    """The weights `quantize` turns into int8: every projection kernel, plus the
-    token embedding and an untied LM head when `embeddings`."""
+    """The weights `quantize` turns into int8: every projection kernel (MoE experts
+    included; routers stay float, as their top-k choice is what int8 would disturb
+    most), plus the token embedding and an untied LM head when `embeddings`."""
     model = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0)))
     found = []
     for path, node in nnx.iter_graph(model):
+        name = path_name(path)
         if isinstance(node, Einsum):
             ndim, num_in = len(node.kernel.shape), node.num_in
             perm = tuple(range(num_in, ndim)) + tuple(range(num_in))
-            found.append(Target(path_name(path) + ".kernel", path_name(path) + ".scale",
-                                perm, num_in))
+            found.append(Target(name + ".kernel", name + ".scale", perm, num_in))
+        elif isinstance(node, ExpertKernel):  # [expert, in, out] -> [expert, out, in]
+            found.append(Target(name + ".kernel", name + ".scale", (0, 2, 1), 1))
     if embeddings:
         found.append(Target("embed.embedding", "embed.scale", (0, 1), 1))
         if model.lm_head is not None:
@@ -146,8 +173,14 @@ def _swap(model: Decoder, target: Target, num_groups: int) -> None:
                                     jnp.zeros((shape[0], num_groups), jnp.float32), dtype)
         return
     parent, name = _parent(model, target.kernel.removesuffix(".kernel"))
-    float_einsum: Einsum = getattr(parent, name)
+    float_einsum: Einsum | ExpertKernel = getattr(parent, name)
     axes = float_einsum.kernel.get_metadata()["logical_axes"]
+    if isinstance(float_einsum, ExpertKernel):
+        shape = tuple(float_einsum.kernel.shape[i] for i in target.perm)
+        setattr(parent, name, QuantExpertKernel(
+            jnp.zeros(shape, jnp.int8), tuple(axes[i] for i in target.perm),
+            jnp.zeros(shape[:2] + (num_groups,), jnp.float32), float_einsum.dtype))
+        return
     shape = tuple(float_einsum.kernel.shape[i] for i in target.perm)
     scale_shape = shape[:len(shape) - target.num_in] + (num_groups,)
     setattr(parent, name, QuantEinsum(

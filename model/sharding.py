@@ -1,8 +1,8 @@
 """Logical axis names -> mesh axes: one rules table, one mesh, shardings for everything.
 
 Every parameter carries `logical_axes` metadata (`vocab`, `embed`, `heads`,
-`kv_heads`, `head_dim`, `mlp`, ...). `RULES` maps each logical name to mesh
-axes among `data`, `fsdp`, `tensor`; changing parallelism means changing the
+`kv_heads`, `head_dim`, `mlp`, `expert`, ...). `RULES` maps each logical name to
+mesh axes among `data`, `fsdp`, `expert`, `tensor`; changing parallelism means changing the
 mesh shape and this table, never the model code. Activations are constrained
 at block boundaries through `constrain`, which does nothing unless a program
 is traced inside `use_sharding(mesh, rules)`.
@@ -23,14 +23,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flaxlm.model.errors import ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
-# Data parallel over data x fsdp; FSDP splits parameters (and optimizer state)
-# over fsdp along `embed`; tensor parallel splits heads, MLP and vocabulary.
+# Data parallel over data x fsdp x expert; FSDP splits parameters (and optimizer
+# state) over fsdp along `embed`; expert parallelism splits the stacked experts of
+# MoE layers over `expert` (the batch too, so attention is not duplicated there);
+# tensor parallel splits heads, MLP and vocabulary.
+BATCH_AXES = ("data", "fsdp", "expert")
 RULES: Rules = (
-    ("batch", ("data", "fsdp")),
+    ("batch", BATCH_AXES),
+    ("expert", "expert"),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -84,6 +88,7 @@ class MeshShape:
 
     data: int = 1
     fsdp: int = 1
+    expert: int = 1
     tensor: int = 1
 
     @classmethod
@@ -124,7 +129,7 @@ class MeshShape:
 
 def make_mesh(shape: str | Mapping[str, int] | MeshShape | Mesh,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with axes (data, fsdp, tensor) over `devices` (default: all)."""
+    """A mesh with axes (data, fsdp, expert, tensor) over `devices` (default: all)."""
     if isinstance(shape, Mesh):
         missing = set(MESH_AXES) - set(shape.axis_names)
         if missing:
@@ -211,6 +216,15 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
         return x
     spec = spec_for(axes, ctx.rules)
     return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, spec))
+
+
+def mesh_axis_size(axis: str) -> int:
+    """Devices along `axis` of the mesh programs are being traced for (1 outside
+    `use_sharding`); lets a layer pick a formulation that suits the layout."""
+    ctx = _CONTEXT.get()
+    if ctx is None or axis not in ctx.mesh.shape:
+        return 1
+    return ctx.mesh.shape[axis]
 
 
 def sharding_for(axes: Sequence[str | None], mesh: Mesh, rules: Rules = RULES) -> NamedSharding:

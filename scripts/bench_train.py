@@ -45,7 +45,7 @@ def hf_model(config):
     import torch
     import transformers
 
-    from flaxlm.model.hf_config import config_to_hf
+    from flaxlm.model.hf_export import config_to_hf
 
     hf_config = transformers.LlamaConfig(**config_to_hf(config))
     torch.manual_seed(0)

@@ -27,6 +27,43 @@ VARIANTS = {
     "qwen2-bias": (transformers.Qwen2Config, dict(num_attention_heads=4, num_key_value_heads=2)),
     "gpt2": (transformers.GPT2Config, dict(vocab_size=320, n_embd=64, n_layer=2, n_head=4,
                                            n_positions=256)),
+    # q/k norms; layers from max_window_layers on slide.
+    "qwen3-window": (transformers.Qwen3Config, dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, use_sliding_window=True,
+        sliding_window=24, max_window_layers=1)),
+    # 1 + w norms, post-norms, scaled embeddings, query_pre_attn_scalar != head_dim, caps
+    # small enough to bend these logits, a local layer with a window shorter than SEQ.
+    "gemma2-softcap": (transformers.Gemma2Config, dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=24,
+        query_pre_attn_scalar=24, attn_logit_softcapping=2.0, final_logit_softcapping=1.5)),
+    # q/k norms; local layer RoPE base 1e4, global 1e6 with linear scaling.
+    "gemma3-local-global": (transformers.Gemma3TextConfig, dict(
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=24,
+        layer_types=["sliding_attention", "full_attention"], rope_theta=1_000_000.0,
+        rope_local_base_freq=10_000.0, rope_scaling=dict(rope_type="linear", factor=2.0))),
+    # Phi-3-mini-4k's shape of options: fused projections, a window on every layer.
+    "phi3-window": (transformers.Phi3Config, dict(
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=24, pad_token_id=0,
+        eos_token_id=1, bos_token_id=2)),
+    # LongRoPE with SEQ past original_max_position_embeddings, half the head rotated.
+    "phi3-longrope": (transformers.Phi3Config, dict(
+        num_attention_heads=4, num_key_value_heads=2, original_max_position_embeddings=32,
+        partial_rotary_factor=0.5, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        rope_scaling=dict(type="longrope", short_factor=[1.0, 1.1, 1.3, 1.6],
+                          long_factor=[1.0, 2.5, 4.0, 9.0]))),
+    # Layer 1 without RoPE.
+    "smollm3-nope": (transformers.SmolLM3Config, dict(
+        num_attention_heads=4, num_key_value_heads=2, no_rope_layers=[1, 0],
+        pad_token_id=0, eos_token_id=1, bos_token_id=2)),
+    # Top-2 of 4 experts, renormalized.
+    "mixtral-moe": (transformers.MixtralConfig, dict(
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2)),
+    # A dense layer 0, then top-2 of 4 experts without renormalization.
+    "qwen3-moe": (transformers.Qwen3MoeConfig, dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=32, mlp_only_layers=[0],
+        norm_topk_prob=False)),
 }
 
 

@@ -8,7 +8,8 @@ import torch
 import transformers
 
 from flaxlm.model import ConfigError, ModelConfig, abstract_model, param_stats, preset_names
-from flaxlm.model.hf_config import config_from_hf, config_to_hf
+from flaxlm.model.hf_config import config_from_hf
+from flaxlm.model.hf_export import config_to_hf
 
 REQUIRED = {"smollm2-135m", "smollm2-360m", "smollm2-1.7b", "llama-3.2-1b", "gpt2"}
 # Published parameter counts (tied embeddings counted once).
@@ -50,9 +51,9 @@ def test_unknown_setting_suggests_nearest():
 
 @pytest.mark.parametrize("change, message", [
     (dict(num_kv_heads=3), "multiple of num_kv_heads"),
-    (dict(family="bert"), "family"),
+    (dict(norm="batchnorm"), "norm"),
     (dict(dtype="int4"), "dtype"),
-    (dict(head_dim=15), "even head_dim"),
+    (dict(head_dim=15), "even rotary dimension"),
     (dict(embed_dim=0), "embed_dim must be >= 1"),
 ])
 def test_invalid_configs(change, message):

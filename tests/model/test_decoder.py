@@ -19,7 +19,7 @@ def _model(name, **changes):
 
 @pytest.mark.parametrize("name", PRESETS + ["window"])
 def test_cached_decode_equals_full_forward(name):
-    model = _model("tiny-llama", sliding_window=5) if name == "window" else _model(name)
+    model = _model("tiny-llama", sliding_window=5, layer_attention=("sliding",)) if name == "window" else _model(name)
     vocab = model.config.vocab_size
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, vocab, (2, 20)))
     full = model(tokens)
@@ -42,7 +42,7 @@ def test_cached_decode_equals_full_forward(name):
 
 
 def test_sliding_window_limits_attention():
-    windowed = _model("tiny-llama", sliding_window=4)
+    windowed = _model("tiny-llama", sliding_window=4, layer_attention=("sliding",))
     full = _model("tiny-llama")  # same seed, same weights
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 512, (1, 12)))
     a, b = windowed(tokens), full(tokens)

@@ -17,10 +17,11 @@ def test_eight_devices():
 
 
 @pytest.mark.parametrize("spec, sizes", [
-    ("data=8", {"data": 8, "fsdp": 1, "tensor": 1}),
-    ("fsdp=-1", {"data": 1, "fsdp": 8, "tensor": 1}),
-    ({"data": 4, "tensor": 2}, {"data": 4, "fsdp": 1, "tensor": 2}),
-    ("data=2,fsdp=2,tensor=2", {"data": 2, "fsdp": 2, "tensor": 2}),
+    ("data=8", {"data": 8, "fsdp": 1, "expert": 1, "tensor": 1}),
+    ("fsdp=-1", {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}),
+    ({"data": 4, "tensor": 2}, {"data": 4, "fsdp": 1, "expert": 1, "tensor": 2}),
+    ("data=2,fsdp=2,tensor=2", {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}),
+    ("expert=4,data=2", {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}),
 ])
 def test_make_mesh(spec, sizes):
     assert dict(make_mesh(spec).shape) == sizes
@@ -45,7 +46,8 @@ def test_rule_naming_unknown_axis():
 
 def test_spec_for_uses_each_mesh_axis_once():
     assert spec_for(("embed", "heads", "head_dim"), RULES) == P("fsdp", "tensor", None)
-    assert spec_for(("batch", "seq", "embed"), RULES) == P(("data", "fsdp"), None, None)
+    assert spec_for(("batch", "seq", "embed"), RULES) == P(("data", "fsdp", "expert"), None, None)
+    assert spec_for(("expert", "embed", "mlp"), RULES) == P("expert", "fsdp", "tensor")
     assert spec_for(("vocab", "embed"), make_rules({"embed": "tensor"})) == P("tensor", None)
 
 

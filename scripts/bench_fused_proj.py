@@ -1,0 +1,106 @@
+"""Fused or split projections for decode: Phi-3's qkv_proj / gate_up_proj layout.
+
+Phi-3 checkpoints store q, k, v as one [D, (H + 2K) * h] matrix and gate, up as
+one [D, 2F] matrix. This times a decode-shaped step (a few rows through L
+layers of attention-input and MLP-input projections, inside one jit program)
+with the fused matrices against the same weights split into separate matrices,
+as flaxlm's Attention and Mlp use them. Prints ms per step, best of `--repeats`.
+
+    .venv/bin/python scripts/bench_fused_proj.py [--shape phi3-mini|smollm2] [--rows 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SHAPES = {  # embed, heads, kv heads, head_dim, mlp, layers timed
+    "phi3-mini": (3072, 32, 32, 96, 8192, 4),
+    "smollm2": (576, 9, 3, 64, 1536, 30),
+}
+
+
+def weights(shape, seed=0):
+    d, n, k, h, f, layers = shape
+    rng = np.random.default_rng(seed)
+    make = lambda *s: jnp.asarray(rng.standard_normal(s, np.float32) * d ** -0.5)  # noqa: E731
+    return [dict(qkv=make(d, (n + 2 * k) * h), gate_up=make(d, 2 * f), down=make(f, d))
+            for _ in range(layers)]
+
+
+def split(layers, shape):
+    d, n, k, h, f, _ = shape
+    out = []
+    for w in layers:
+        q, kk, v = jnp.split(w["qkv"], [n * h, (n + k) * h], axis=1)
+        gate, up = jnp.split(w["gate_up"], 2, axis=1)
+        out.append(dict(q=q, k=kk, v=v, gate=gate, up=up, down=w["down"]))
+    return out
+
+
+def consume(x, q, k, v, gate, up, down):
+    """Use every output in full, the same way for both layouts."""
+    mix = jnp.tanh(q[:, :x.shape[1]]) + 1e-3 * (jnp.sum(k, -1, keepdims=True)
+                                               + jnp.sum(v, -1, keepdims=True))
+    return x + mix + (jax.nn.silu(gate) * up) @ down
+
+
+def fused_step(layers, x, sizes):
+    for w in layers:
+        q, k, v = jnp.split(x @ w["qkv"], sizes, axis=-1)
+        gate, up = jnp.split(x @ w["gate_up"], 2, axis=-1)
+        x = consume(x, q, k, v, gate, up, w["down"])
+    return x
+
+
+def split_step(layers, x, sizes):
+    for w in layers:
+        x = consume(x, x @ w["q"], x @ w["k"], x @ w["v"], x @ w["gate"], x @ w["up"], w["down"])
+    return x
+
+
+def time_it(fn, layers, x, repeats, sizes):
+    fn = jax.jit(functools.partial(fn, sizes=sizes))
+    fn(layers, x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(10):
+            x = fn(layers, x)
+        x.block_until_ready()
+        best = min(best, (time.perf_counter() - t0) / 10)
+    return best * 1e3
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=SHAPES, action="append")
+    ap.add_argument("--rows", type=int, action="append")
+    ap.add_argument("--repeats", type=int, default=7)
+    args = ap.parse_args(argv)
+    print(f"machine: {platform.machine()}, {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    for name in args.shape or list(SHAPES):
+        shape = SHAPES[name]
+        fused = weights(shape)
+        separate = split(fused, shape)
+        d, n, k, h, _, _ = shape
+        sizes = (n * h, (n + k) * h)
+        for rows in args.rows or [1, 4]:
+            x = jnp.asarray(np.random.default_rng(1).standard_normal((rows, shape[0]), np.float32))
+            # alternate to spread machine-load noise over both
+            f1 = time_it(fused_step, fused, x, args.repeats, sizes)
+            s1 = time_it(split_step, separate, x, args.repeats, sizes)
+            f2 = time_it(fused_step, fused, x, args.repeats, sizes)
+            s2 = time_it(split_step, separate, x, args.repeats, sizes)
+            print(f"{name} rows={rows}: fused {min(f1, f2):.3f} ms, split {min(s1, s2):.3f} ms, "
+                  f"split/fused {min(s1, s2) / min(f1, f2):.3f}")
+
+
+if __name__ == "__main__":
+    main()
