@@ -53,20 +53,46 @@ def int8_name(hf_name: str) -> str | None:
     return None
 
 
+# Fused HF weights (Phi-3) that flaxlm splits by rows: module -> parts and their row counts.
+_FUSED = {
+    "self_attn.qkv_proj": lambda c: (("attn.q_proj", c.num_heads * c.head_dim),
+                                     ("attn.k_proj", c.num_kv_heads * c.head_dim),
+                                     ("attn.v_proj", c.num_kv_heads * c.head_dim)),
+    "mlp.gate_up_proj": lambda c: (("mlp.gate_proj", c.mlp_dim), ("mlp.up_proj", c.mlp_dim)),
+}
+_FUSED_NAME = re.compile(r"model\.layers\.(\d+)\.(self_attn\.qkv_proj|mlp\.gate_up_proj)\.weight")
+
+
+def int8_parts(config: ModelConfig, hf_name: str) -> list[tuple[str, slice]]:
+    """The flaxlm int8 kernel paths an HF weight's rows become, with their row ranges ([] if none)."""
+    fused = _FUSED_NAME.fullmatch(hf_name)
+    if fused is None:
+        path = int8_name(hf_name)
+        return [] if path is None else [(path, slice(None))]
+    parts, start = [], 0
+    for module, rows in _FUSED[fused[2]](config):
+        parts.append((f"layers.{fused[1]}.{module}.kernel", slice(start, start + rows)))
+        start += rows
+    return parts
+
+
 def gguf_int8_params(config: ModelConfig, ckpt: GGUFCheckpoint, source: str, *, strict: bool
                      ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Float-layout parameters and Q8_0 scales from a GGUF read with `dequantize=False`.
 
     Weights stored Q8_0 keep their int8 values and block scales (never converted
-    to float); every other tensor arrives dequantized to float32. With `strict`
+    to float); every other tensor arrives dequantized to float32. A fused weight's
+    rows (and scales) are split as flaxlm splits the float weight. With `strict`
     (load's quantize="q8_0") a weight stored in another type is an error.
     """
     tensors, given = {}, {}
     for hf_name, data in ckpt.tensors.items():
-        path, stored_q8_0 = int8_name(hf_name), hf_name in ckpt.q8_0_rows
-        if path is not None and stored_q8_0:
-            tensors[hf_name], given[path] = q8_0_to_int8(data, hf_name)
+        parts, stored_q8_0 = int8_parts(config, hf_name), hf_name in ckpt.q8_0_rows
+        if parts and stored_q8_0:
+            tensors[hf_name], scale = q8_0_to_int8(data, hf_name)
+            given |= {path: scale[rows] for path, rows in parts}
             continue
+        path = parts[0][0] if parts else None
         if path is not None and strict:
             raise CheckpointError(
                 f"{source}: tensor {hf_name} is stored as {ckpt.types[hf_name]}; quantize='q8_0' loads only "
