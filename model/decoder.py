@@ -46,18 +46,10 @@ class Block(nnx.Module):
     """Pre-norm transformer block: x + post(attn(norm(x))), then x + post(mlp(norm(x)));
     the post-norms only where the architecture has them (Gemma 2/3)."""
 
-    def __init__(self, embed_dim: int, attn: Attention, mlp: Mlp | MoeMlp, norm: NormSpec, *,
-                 post_attn_norm: bool, post_mlp_norm: bool, dtype, param_dtype, rngs):
-        def make_norm(present: bool = True) -> Norm | None:
-            return (Norm(embed_dim, norm, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                    if present else None)
-
-        self.attn_norm = make_norm()
-        self.attn = attn
-        self.attn_post_norm = make_norm(post_attn_norm)
-        self.mlp_norm = make_norm()
-        self.mlp = mlp
-        self.mlp_post_norm = make_norm(post_mlp_norm)
+    def __init__(self, *, attn_norm: Norm, attn: Attention, attn_post_norm: Norm | None,
+                 mlp_norm: Norm, mlp: Mlp | MoeMlp, mlp_post_norm: Norm | None):
+        self.attn_norm, self.attn, self.attn_post_norm = attn_norm, attn, attn_post_norm
+        self.mlp_norm, self.mlp, self.mlp_post_norm = mlp_norm, mlp, mlp_post_norm
 
     def __call__(self, x, mask, rope, cache=None, write_at=None):
         """Returns (x, cache, router logits [b, t, experts] or None)."""
@@ -76,23 +68,32 @@ class Block(nnx.Module):
 
 
 def _block(cfg: ModelConfig, i: int, norm: NormSpec, rngs: nnx.Rngs) -> Block:
-    """Layer i of `cfg`: its attention, dense or MoE MLP, and norms."""
+    """Layer i of `cfg`: its norms, attention and dense or MoE MLP, built in this
+    order (parameter initialization draws keys in it)."""
     dt = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
-    scalar = cfg.query_pre_attn_scalar or cfg.head_dim
-    attn = Attention(embed_dim=cfg.embed_dim, num_heads=cfg.num_heads,
-                     num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-                     qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias,
-                     qk_norm=norm if cfg.qk_norm else None, query_scale=scalar ** -0.5,
-                     softcap=cfg.attn_softcap, **dt)
-    if cfg.layer_kinds("mlp")[i] == "moe":
-        mlp = MoeMlp(cfg.embed_dim, cfg.expert_mlp_dim, num_experts=cfg.num_experts,
-                     experts_per_token=cfg.experts_per_token, router=cfg.router,
-                     renormalize=cfg.router_renormalize, activation=cfg.activation, **dt)
-    else:
-        mlp = Mlp(cfg.embed_dim, cfg.mlp_dim, gated=cfg.gated_mlp, bias=cfg.mlp_bias,
-                  activation=cfg.activation, **dt)
-    return Block(cfg.embed_dim, attn, mlp, norm, post_attn_norm=cfg.post_attn_norm,
-                 post_mlp_norm=cfg.post_mlp_norm, **dt)
+
+    def make_norm(present: bool = True) -> Norm | None:
+        return Norm(cfg.embed_dim, norm, **dt) if present else None
+
+    def make_attention() -> Attention:
+        scalar = cfg.query_pre_attn_scalar or cfg.head_dim
+        return Attention(embed_dim=cfg.embed_dim, num_heads=cfg.num_heads,
+                         num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                         qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias,
+                         qk_norm=norm if cfg.qk_norm else None, query_scale=scalar ** -0.5,
+                         softcap=cfg.attn_softcap, **dt)
+
+    def make_mlp() -> Mlp | MoeMlp:
+        if cfg.layer_kinds("mlp")[i] == "moe":
+            return MoeMlp(cfg.embed_dim, cfg.expert_mlp_dim, num_experts=cfg.num_experts,
+                          experts_per_token=cfg.experts_per_token, router=cfg.router,
+                          renormalize=cfg.router_renormalize, activation=cfg.activation, **dt)
+        return Mlp(cfg.embed_dim, cfg.mlp_dim, gated=cfg.gated_mlp, bias=cfg.mlp_bias,
+                   activation=cfg.activation, **dt)
+
+    return Block(attn_norm=make_norm(), attn=make_attention(),
+                 attn_post_norm=make_norm(cfg.post_attn_norm), mlp_norm=make_norm(),
+                 mlp=make_mlp(), mlp_post_norm=make_norm(cfg.post_mlp_norm))
 
 
 def layer_schedule(cfg: ModelConfig) -> tuple[tuple[int | None, str | None], ...]:

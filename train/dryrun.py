@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh
 
 from flaxlm.model.config import ModelConfig
-from flaxlm.model.sharding import MESH_AXES, MeshShape, Rules, make_mesh, use_sharding
+from flaxlm.model.sharding import BATCH_AXES, MESH_AXES, MeshShape, Rules, make_mesh, use_sharding
 from flaxlm.train.data import Batch
 from flaxlm.train.optim import optimizer as make_optimizer
 from flaxlm.train.prepare import check_shapes  # the checks `flaxlm train` runs
@@ -79,7 +79,8 @@ def _device_bytes(tree) -> int:
 
 def activation_formula(config: ModelConfig, recipe: Recipe, mesh: dict[str, int]) -> int:
     """The documented estimate of per-device activation bytes (see the module docstring)."""
-    tokens = recipe.train.micro_batch * recipe.data.seq_len / (mesh["data"] * mesh["fsdp"])
+    tokens = recipe.train.micro_batch * recipe.data.seq_len / math.prod(
+        mesh[axis] for axis in BATCH_AXES)
     tensor = mesh["tensor"]
     itemsize = jnp.dtype(config.dtype).itemsize
     q_dim = config.num_heads * config.head_dim
@@ -127,7 +128,8 @@ def memory_plan(recipe: Recipe, config: ModelConfig | None = None, rules: Rules 
 def _compiled_temp_bytes(graphdef, opt, state, shardings, mesh, rules, recipe) -> int | None:
     train = recipe.train
     shape = (train.grad_accum, train.micro_batch, recipe.data.seq_len + 1)
-    step = jit_train_step(graphdef, opt, shardings, mesh, rules)
+    step = jit_train_step(graphdef, opt, shardings, mesh, rules,
+                          recipe.train.router_aux_loss_coef)
     field = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=train_batch_sharding(mesh, rules))
     batch = Batch(tokens=field, segment_ids=field, positions=field)
     with use_sharding(mesh, rules):

@@ -54,12 +54,14 @@ class _Window:
 
     losses: list[float] = dataclasses.field(default_factory=list)
     grad_norms: list[float] = dataclasses.field(default_factory=list)
+    router_losses: list[float] = dataclasses.field(default_factory=list)
     timed_steps: int = 0          # steps run since `start`
     start: float = dataclasses.field(default_factory=time.perf_counter)
 
-    def add(self, loss: float, grad_norm: float) -> None:
+    def add(self, loss: float, grad_norm: float, router_loss: float) -> None:
         self.losses.append(loss)
         self.grad_norms.append(grad_norm)
+        self.router_losses.append(router_loss)
         self.timed_steps += 1
 
     def restart_clock(self) -> None:
@@ -166,7 +168,7 @@ class _Loop:
             raise TrainingDiverged(
                 f"loss {loss}, gradient norm {grad_norm}, parameter norm {param_norm} at step "
                 f"{step}: training stopped; {kept}")
-        window.add(loss, grad_norm)
+        window.add(loss, grad_norm, float(metrics.router_loss))
 
     def _boundary(self, state, step: int, window: _Window) -> _Window:
         """Log, evaluate and save as due at `step`; returns a fresh window."""
@@ -188,6 +190,9 @@ class _Loop:
         self.log.write({
             "step": step, "loss": self.last_loss, "lr": float(self.lr(step - 1)),
             "grad_norm": sum(window.grad_norms) / max(len(window.grad_norms), 1),
+            "router_loss": (sum(window.router_losses) / len(window.router_losses)
+                            if self.run.config.num_experts and window.router_losses
+                            else None),
             "eval_loss": eval_loss, "eval_ppl": math.exp(eval_loss) if eval_loss is not None else None,
             "tokens_per_s": tokens_per_s,
             "mfu": (self.run.flops_per_token * tokens_per_s / self.run.peak_flops

@@ -53,11 +53,15 @@ def peak_flops(device: jax.Device, override_tflops: float = 0.0) -> float:
 
 
 def matmul_params(config: ModelConfig, num_params: int) -> int:
-    """N of the formula: parameters used in matmuls."""
+    """N of the formula: parameters used in matmuls per token (of a MoE layer's
+    experts, only the experts_per_token a token is routed to)."""
     embed = config.vocab_size * config.embed_dim
-    positions = 0 if config.uses_rope else config.max_seq_len * config.embed_dim
+    positions = config.max_seq_len * config.embed_dim if config.learned_positions else 0
     head = embed if config.tie_embeddings else 0
-    return num_params - embed - positions + head
+    idle_experts = config.num_experts - config.experts_per_token
+    moe_layers = config.layer_kinds("mlp").count("moe")
+    idle = moe_layers * idle_experts * 3 * config.embed_dim * config.expert_mlp_dim
+    return num_params - embed - positions + head - idle
 
 
 def flops_per_token(config: ModelConfig, num_params: int, seq_len: int) -> float:
@@ -69,7 +73,8 @@ class MetricsLog:
     """Appends one JSON line per log step to RUN_DIR/metrics.jsonl (flushed each time)
     and mirrors the numbers to TensorBoard event files in RUN_DIR/tensorboard."""
 
-    FIELDS = ("step", "loss", "eval_loss", "eval_ppl", "lr", "grad_norm", "tokens_per_s", "mfu")
+    FIELDS = ("step", "loss", "eval_loss", "eval_ppl", "lr", "grad_norm", "router_loss",
+              "tokens_per_s", "mfu")
 
     def __init__(self, run_dir: Path, tensorboard: bool):
         self.path = run_dir / "metrics.jsonl"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import uuid
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from flaxlm.model.decoder import Decoder
 from flaxlm.model.errors import ConfigError
 from flaxlm.model.loading import load, resolve
 from flaxlm.model.params import build_model, flat_params
-from flaxlm.model.sharding import make_mesh
+from flaxlm.model.sharding import BATCH_AXES, make_mesh
 from flaxlm.model.tokenizer import Tokenizer
 from flaxlm.train import data as data_lib
 from flaxlm.train.checkpoint import RUN_FILE, Checkpoints, read_run_file, write_run_file
@@ -85,7 +86,8 @@ def prepare(recipe: Recipe, run_dir: str | Path, init: str | None = None) -> Run
 
     opt = make_optimizer(recipe.optimizer, recipe.train.steps)
     graphdef, target = abstract_state(config, opt)
-    steps = compile_steps(graphdef, opt, target, mesh, recipe.train.sharding_rules)
+    steps = compile_steps(graphdef, opt, target, mesh, recipe.train.sharding_rules,
+                          recipe.train.router_aux_loss_coef)
     train_iterator = iter(_train_dataset(recipe, source, split, tokenizer))
     if resume_step is not None:
         state = checkpoints.restore(resume_step, target, train_iterator,
@@ -121,7 +123,7 @@ def check_shapes(recipe: Recipe, config: ModelConfig, mesh) -> None:
     if seq_len > config.max_seq_len:
         raise ConfigError(f"data.seq_len {seq_len} is above the model's context "
                           f"(max_seq_len {config.max_seq_len})")
-    splits = mesh.shape["data"] * mesh.shape["fsdp"]
+    splits = math.prod(mesh.shape[axis] for axis in BATCH_AXES)
     if train.micro_batch % splits:
         raise ConfigError(
             f"train.batch_size / train.grad_accum = {train.micro_batch} sequences per "

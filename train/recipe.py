@@ -94,6 +94,8 @@ class TrainConfig:
                                   # e.g. "fsdp=-1" or "data=2,fsdp=4"; see flaxlm.model.sharding
     rules: tuple[str, ...] = ()   # sharding rule overrides, e.g. ["mlp=fsdp+tensor", "vocab=none"]
                                   # (logical axis name = mesh axes; the rest from sharding.RULES)
+    router_aux_loss_coef: float = 0.001  # weight of the MoE router's load-balancing loss
+                                  # (HF's router_aux_loss_coef; ignored without MoE layers)
 
     def __post_init__(self):
         MeshShape.parse(self.mesh)
@@ -101,6 +103,8 @@ class TrainConfig:
         _check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
         _check(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
         _check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.router_aux_loss_coef >= 0,
+               f"train.router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
         _check(self.batch_size % self.grad_accum == 0,
                f"train.batch_size ({self.batch_size}) is not divisible by "
                f"train.grad_accum ({self.grad_accum})")

@@ -8,6 +8,11 @@ in the same document: padding (segment 0) and the last token of each document
 Gradient accumulation sums the loss and its gradient over micro-batches (a
 `lax.scan`) and divides by the total token count, so k micro-batches of b rows
 give the gradient of one batch of k*b rows.
+
+A mixture-of-experts model adds the router's load-balancing loss
+(flaxlm.model.moe.load_balancing_loss, HF's `load_balancing_loss_func`) times the
+recipe's `train.router_aux_loss_coef` to the objective; each micro-batch's term
+is weighted by its token count, like its cross-entropy.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from flaxlm.model.config import ModelConfig
 from flaxlm.model.decoder import Decoder
+from flaxlm.model.moe import load_balancing_loss
 from flaxlm.model.sharding import RULES, Rules, param_shardings, sharding_for, use_sharding
 from flaxlm.train.data import Batch
 
@@ -52,6 +58,7 @@ class StepMetrics:
     grad_norm: jax.Array        # global norm of the gradient (before clipping)
     param_norm: jax.Array       # global norm of the updated parameters (NaN/Inf check)
     tokens: jax.Array           # predicted tokens in the batch
+    router_loss: jax.Array      # MoE load-balancing loss (token-weighted mean; 0 without MoE)
 
 
 def new_state(model: Decoder, optimizer: optax.GradientTransformation,
@@ -73,55 +80,79 @@ def abstract_state(config: ModelConfig, optimizer: optax.GradientTransformation
     return graphdef, state
 
 
+def _forward(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-token cross-entropy [b, seq_len], its mask, and the load-balancing loss
+    over the input tokens (0.0 for a model without MoE layers)."""
+    model = nnx.merge(graphdef, params)
+    segments = batch.segment_ids
+    inputs = dict(positions=batch.positions[:, :-1], attention_mask=segments[:, :-1])
+    router = jnp.zeros((), jnp.float32)
+    if model.config.num_experts:
+        logits, router_logits = model.with_router_logits(batch.tokens[:, :-1], **inputs)
+        router = load_balancing_loss(router_logits, model.config.experts_per_token,
+                                     segments[:, :-1] != 0)
+    else:
+        logits = model(batch.tokens[:, :-1], **inputs)  # [b, seq_len, vocab] float32
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch.tokens[:, 1:])
+    mask = (segments[:, 1:] == segments[:, :-1]) & (segments[:, :-1] != 0)
+    return losses, mask, router
+
+
 def token_losses(graphdef: nnx.GraphDef, params: nnx.State,
                  batch: Batch) -> tuple[jax.Array, jax.Array]:
     """Per-token cross-entropy [b, seq_len] and its mask [b, seq_len] (True = counted)."""
-    model = nnx.merge(graphdef, params)
-    segments = batch.segment_ids
-    logits = model(batch.tokens[:, :-1], positions=batch.positions[:, :-1],
-                   attention_mask=segments[:, :-1])  # [b, seq_len, vocab] float32
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch.tokens[:, 1:])
-    mask = (segments[:, 1:] == segments[:, :-1]) & (segments[:, :-1] != 0)
+    losses, mask, _ = _forward(graphdef, params, batch)
     return losses, mask
 
 
-def loss_sum(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch) -> LossSum:
-    losses, mask = token_losses(graphdef, params, batch)
+def _sums(losses: jax.Array, mask: jax.Array) -> LossSum:
     return LossSum(total=jnp.sum(jnp.where(mask, losses, 0.0)),
                    count=jnp.sum(mask, dtype=jnp.float32))
 
 
-def _summed_grads(graphdef, params, batch: Batch) -> tuple[LossSum, nnx.State]:
-    """Loss sum and its gradient over micro-batches batch[i] ([grad_accum, micro, ...])."""
+def loss_sum(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch) -> LossSum:
+    return _sums(*token_losses(graphdef, params, batch))
+
+
+def _summed_grads(graphdef, params, batch: Batch, router_coef: float
+                  ) -> tuple[LossSum, jax.Array, nnx.State]:
+    """Loss sum, count-weighted router-loss sum and the objective's gradient over
+    micro-batches batch[i] ([grad_accum, micro, ...])."""
     def total(p, micro):
-        terms = loss_sum(graphdef, p, micro)
-        return terms.total, terms
+        losses, mask, router = _forward(graphdef, p, micro)
+        terms = _sums(losses, mask)
+        weighted = router * terms.count
+        return terms.total + router_coef * weighted, (terms, weighted)
 
     grad_fn = jax.value_and_grad(total, has_aux=True)
 
     def accumulate(carry, micro):
-        terms, grads = carry
-        (_, new_terms), new_grads = grad_fn(params, micro)
-        return (jax.tree.map(jnp.add, terms, new_terms), jax.tree.map(jnp.add, grads, new_grads)), None
+        terms, router, grads = carry
+        (_, (new_terms, new_router)), new_grads = grad_fn(params, micro)
+        return (jax.tree.map(jnp.add, terms, new_terms), router + new_router,
+                jax.tree.map(jnp.add, grads, new_grads)), None
 
-    zeros = (LossSum(total=jnp.zeros(()), count=jnp.zeros(())),
+    zeros = (LossSum(total=jnp.zeros(()), count=jnp.zeros(())), jnp.zeros(()),
              jax.tree.map(jnp.zeros_like, params))
-    (terms, grads), _ = jax.lax.scan(accumulate, zeros, batch)
-    return terms, grads
+    (terms, router, grads), _ = jax.lax.scan(accumulate, zeros, batch)
+    return terms, router, grads
 
 
 def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
-               optimizer: optax.GradientTransformation) -> tuple[TrainState, StepMetrics]:
+               optimizer: optax.GradientTransformation, router_aux_loss_coef: float = 0.0
+               ) -> tuple[TrainState, StepMetrics]:
     """One optimizer update from a batch of shape [grad_accum, micro_batch, seq_len + 1]."""
-    terms, grads = _summed_grads(graphdef, state.params, batch)
-    grads = jax.tree.map(lambda g: g / jnp.maximum(terms.count, 1.0), grads)
+    terms, router, grads = _summed_grads(graphdef, state.params, batch, router_aux_loss_coef)
+    count = jnp.maximum(terms.count, 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     rng, _ = jax.random.split(state.rng)
     new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                            opt_state=opt_state, rng=rng)
     return new_state, StepMetrics(loss=terms.mean, grad_norm=optax.tree.norm(grads),
                                   param_norm=optax.tree.norm(new_state.params),
-                                  tokens=terms.count)
+                                  tokens=terms.count, router_loss=router / count)
 
 
 def eval_step(params: nnx.State, batch: Batch, *, graphdef: nnx.GraphDef) -> LossSum:
@@ -158,20 +189,23 @@ def train_batch_sharding(mesh: Mesh, rules: Rules = RULES) -> NamedSharding:
 
 
 def jit_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-                   shardings: TrainState, mesh: Mesh, rules: Rules = RULES):
+                   shardings: TrainState, mesh: Mesh, rules: Rules = RULES,
+                   router_aux_loss_coef: float = 0.0):
     """The jitted train step (state donated); trace or lower it inside `use_sharding`."""
-    return jax.jit(functools.partial(train_step, graphdef=graphdef, optimizer=optimizer),
+    return jax.jit(functools.partial(train_step, graphdef=graphdef, optimizer=optimizer,
+                                     router_aux_loss_coef=router_aux_loss_coef),
                    in_shardings=(shardings, train_batch_sharding(mesh, rules)),
                    out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
 
 
 def compile_steps(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-                  target: TrainState, mesh: Mesh, rules: Rules = RULES) -> Steps:
+                  target: TrainState, mesh: Mesh, rules: Rules = RULES,
+                  router_aux_loss_coef: float = 0.0) -> Steps:
     """jit the steps with explicit shardings (state by `state_shardings`, batch rows over
     the mesh's batch axes); the train state is donated. `target` gives the state's shapes.
     Both programs are traced inside `use_sharding`, so activations are constrained too."""
     shardings = state_shardings(target, optimizer, mesh, rules)
-    train = jit_train_step(graphdef, optimizer, shardings, mesh, rules)
+    train = jit_train_step(graphdef, optimizer, shardings, mesh, rules, router_aux_loss_coef)
     train_batch = train_batch_sharding(mesh, rules)
     eval_batch = sharding_for(("batch", None), mesh, rules)         # [batch, seq]
     metrics = NamedSharding(mesh, P())

@@ -23,7 +23,7 @@ def tiny_dir(tmp_path_factory):
 def test_inspect_json(tiny_dir, capsys):
     assert main(["inspect", str(tiny_dir), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["config"]["family"] == "gpt2"
+    assert info["config"]["norm"] == "layernorm" and info["config"]["learned_positions"]
     assert info["parameter_bytes"] == {"float32": 4 * info["parameters"]}
     assert info["tokenizer"] is None
 

@@ -132,7 +132,7 @@ def test_checkpoint_saved_under_fsdp_resumes_under_tensor_parallel(tmp_path):
         checkpoints.close()
     kernel = restored.params["layers"][0]["attn"]["q_proj"]["kernel"].get_value()
     assert kernel.sharding.spec == P("fsdp", "tensor", None)
-    assert dict(kernel.sharding.mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 2}
+    assert dict(kernel.sharding.mesh.shape) == {"data": 4, "fsdp": 1, "expert": 1, "tensor": 2}
     assert int(restored.step) == 3
     _, resumed = _train("data=4,tensor=2", state=restored, batches=BATCHES[3:])
     np.testing.assert_allclose(resumed, straight, rtol=1e-5)

@@ -16,7 +16,7 @@ WORDS = ("the cat dog bird sat ran flew on under over a mat tree house red blue 
          "quickly slowly and then").split()
 
 # An inline model small enough to compile in a few seconds (2 layers, GQA 2/1).
-TINY_MODEL = dict(family="llama", vocab_size=320, embed_dim=32, num_layers=2, num_heads=2,
+TINY_MODEL = dict(vocab_size=320, embed_dim=32, num_layers=2, num_heads=2,
                   num_kv_heads=1, head_dim=16, mlp_dim=64, max_seq_len=64)
 
 

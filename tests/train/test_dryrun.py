@@ -49,7 +49,7 @@ def test_dry_run_plans_for_devices_that_are_not_here(capsys, tmp_path):
     recipe = tiny_recipe(tmp_path, model={**MODEL, "embed_dim": 64, "head_dim": 16},
                          train={"mesh": "data=2,fsdp=32", "batch_size": 64})
     plan = memory_plan(recipe, num_devices=64)
-    assert plan.mesh == {"data": 2, "fsdp": 32, "tensor": 1}
+    assert plan.mesh == {"data": 2, "fsdp": 32, "expert": 1, "tensor": 1}
     assert plan.activation_source == "formula"
     assert plan.param_bytes == plan.num_params * 4 // 32
     assert plan.activation_bytes == activation_formula(recipe.model_config(), recipe, plan.mesh)
