@@ -28,10 +28,16 @@ _QK_NORM = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"
 _LLAMA_LAYER = {"attn_norm": "input_layernorm", **_ATTN, "ffn_norm": "post_attention_layernorm", **_MLP}
 _GEMMA_LAYER = {"attn_norm": "input_layernorm", **_ATTN, "post_attention_norm": "post_attention_layernorm",
                 "ffn_norm": "pre_feedforward_layernorm", **_MLP, "post_ffw_norm": "post_feedforward_layernorm"}
+_MOE_LAYER = {"attn_norm": "input_layernorm", **_ATTN, "ffn_norm": "post_attention_layernorm",
+              "ffn_gate_inp": "mlp.gate", "ffn_down_exps": "mlp.experts.down_proj"}
 _PHI3_LAYER = {"attn_norm": "input_layernorm", "attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj",
                "ffn_norm": "post_attention_layernorm", "ffn_up": "mlp.gate_up_proj", "ffn_down": "mlp.down_proj"}
 
 GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# Stacked expert weights [experts, out, in]: gate and up separate, or fused (--fuse-gate-up-exps) as in
+# HF's `mlp.experts.gate_up_proj`, which the reader builds (gate rows first). No `.weight` suffix in HF.
+EXPERT_GATE_UP = {"ffn_gate_exps": "mlp.experts.gate_proj", "ffn_up_exps": "mlp.experts.up_proj",
+                  "ffn_gate_up_exps": "mlp.experts.gate_up_proj"}
 # Tensors that are metadata, not weights: RoPE frequency tables turned back into rope_scaling.
 ROPE_FREQS, ROPE_LONG, ROPE_SHORT = "rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"
 _TOKEN_ID_KEYS = {"tokenizer.ggml.bos_token_id": "bos_token_id", "tokenizer.ggml.eos_token_id": "eos_token_id",
@@ -75,6 +81,7 @@ class GGUFArch:
     biases: tuple[str, ...] = ()
     permuted_qk: bool = False
     norm_offset: float = 0.0
+    experts: bool = False
 
 
 def as_written(value: float) -> float:
@@ -96,7 +103,8 @@ def hf_config(arch: GGUFArch, meta: Metadata, shapes: dict[str, tuple[int, ...]]
         "architectures": [arch.hf_class],
         "vocab_size": shapes["model.embed_tokens.weight"][0],
         "hidden_size": hidden,
-        "intermediate_size": meta.required("feed_forward_length"),
+        # an all-expert file may leave out the dense FFN width (the family's extra fills it)
+        "intermediate_size": meta.get("feed_forward_length") if arch.experts else meta.required("feed_forward_length"),
         "num_hidden_layers": meta.required("block_count"),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
@@ -279,6 +287,22 @@ def _phi3(meta: Metadata, config: dict) -> dict:
     return extra
 
 
+def _mixtral(meta: Metadata, config: dict) -> dict:
+    """A `llama` file with experts: Mixtral (softmax router, top-k weights renormalized, as llama.cpp runs it)."""
+    return {"hidden_act": "silu", "num_local_experts": meta.required("expert_count"),
+            "num_experts_per_tok": meta.required("expert_used_count"), "sliding_window": None}
+
+
+def _qwen3_moe(meta: Metadata, config: dict) -> dict:
+    """Qwen3-MoE: every layer sparse; llama.cpp renormalizes the top-k weights (norm_topk_prob)."""
+    expert_ffn = meta.required("expert_feed_forward_length")
+    return {"hidden_act": "silu", "attention_bias": False, "use_sliding_window": False,
+            "num_experts": meta.required("expert_count"), "num_experts_per_tok": meta.required("expert_used_count"),
+            "moe_intermediate_size": expert_ffn, "intermediate_size": config["intermediate_size"] or expert_ffn,
+            "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []}
+
+
+MIXTRAL = GGUFArch("mixtral", "MixtralForCausalLM", _MOE_LAYER, _mixtral, permuted_qk=True, experts=True)
 ARCHS = {
     "llama": GGUFArch("llama", "LlamaForCausalLM", _LLAMA_LAYER, _llama, permuted_qk=True),
     "qwen2": GGUFArch("qwen2", "Qwen2ForCausalLM", _LLAMA_LAYER, _qwen2, biases=("attn_q", "attn_k", "attn_v")),
@@ -287,12 +311,22 @@ ARCHS = {
     "gemma3": GGUFArch("gemma3_text", "Gemma3ForCausalLM", _GEMMA_LAYER | _QK_NORM, _gemma3, norm_offset=1.0),
     "phi3": GGUFArch("phi3", "Phi3ForCausalLM", _PHI3_LAYER, _phi3),
     "smollm3": GGUFArch("smollm3", "SmolLM3ForCausalLM", _LLAMA_LAYER, _smollm3, permuted_qk=True),
+    "qwen3moe": GGUFArch("qwen3_moe", "Qwen3MoeForCausalLM", _MOE_LAYER | _QK_NORM, _qwen3_moe, experts=True),
 }
+
+
+def architecture(name: str, fields: dict) -> GGUFArch | None:
+    """The spec of `general.architecture` `name`; a `llama` file with experts is Mixtral."""
+    if name == "llama" and fields.get("llama.expert_count", 0) > 0:
+        return MIXTRAL
+    return ARCHS.get(name)
 
 
 def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     """HF tensor name suffix -> shape that the config implies ([out, in] for weights)."""
     hidden, head_dim, ffn = config["hidden_size"], config["head_dim"], config["intermediate_size"]
+    experts = config.get("num_local_experts") or config.get("num_experts") or 0
+    expert_ffn = config.get("moe_intermediate_size", ffn)
     q_rows = config["num_attention_heads"] * head_dim
     kv_rows = config["num_key_value_heads"] * head_dim
     norms = ("norm", "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
@@ -306,4 +340,7 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
         "qkv_proj.weight": (q_rows + 2 * kv_rows, hidden), "o_proj.weight": (hidden, q_rows),
         "gate_proj.weight": (ffn, hidden), "up_proj.weight": (ffn, hidden), "gate_up_proj.weight": (2 * ffn, hidden),
         "down_proj.weight": (hidden, ffn),
+        "gate.weight": (experts, hidden), "experts.gate_proj": (experts, expert_ffn, hidden),
+        "experts.up_proj": (experts, expert_ffn, hidden), "experts.gate_up_proj": (experts, 2 * expert_ffn, hidden),
+        "experts.down_proj": (experts, hidden, expert_ffn),
     }

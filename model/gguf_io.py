@@ -32,13 +32,13 @@ import gguf
 import numpy as np
 
 from flaxlm.model.errors import CheckpointError
-from flaxlm.model.gguf_arch import (ARCHS, GLOBAL_NAMES, ROPE_FREQS, ROPE_LONG, ROPE_SHORT, GGUFArch, Metadata,
-                                    expected_shapes, hf_config)
+from flaxlm.model.gguf_arch import (ARCHS, EXPERT_GATE_UP, GLOBAL_NAMES, ROPE_FREQS, ROPE_LONG, ROPE_SHORT, GGUFArch,
+                                    Metadata, architecture, expected_shapes, hf_config)
 
 _QT = gguf.GGMLQuantizationType
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _ROPE_TABLES = (ROPE_FREQS, ROPE_LONG, ROPE_SHORT)
-SUPPORTED_ARCHITECTURES = tuple(ARCHS)
+SUPPORTED_ARCHITECTURES = tuple(ARCHS)  # and `llama` files with experts (Mixtral)
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,6 +94,7 @@ def read_gguf(path, dequantize: bool = True) -> GGUFCheckpoint:
         if t.tensor_type == _QT.Q8_0 and len(t.shape) == 2 and not _is_norm(name, arch))
     tensors = {name: _hf_tensor(name, t, arch, config, name in rows) for name, t in weights.items()}
     types = {name: t.tensor_type.name for name, t in weights.items()}
+    _fuse_gate_up_experts(tensors, types)
     return GGUFCheckpoint(hf_config=config, metadata=metadata, tensors=tensors, types=types, q8_0_rows=rows)
 
 
@@ -133,10 +134,11 @@ def _read(path: Path) -> tuple[gguf.GGUFReader, dict]:
 
 def _architecture(metadata: dict, path: Path) -> tuple[GGUFArch, Metadata]:
     name = metadata.get("general.architecture")
-    if name not in ARCHS:
+    arch = architecture(name, metadata)
+    if arch is None:
         raise CheckpointError(f"{path}: general.architecture is {name!r}; flaxlm reads GGUF files of the "
                               f"architectures {', '.join(SUPPORTED_ARCHITECTURES)}")
-    return ARCHS[name], Metadata(metadata, name, path)
+    return arch, Metadata(metadata, name, path)
 
 
 def _stored_tensors(reader: gguf.GGUFReader, arch: GGUFArch, meta: Metadata) -> dict:
@@ -146,6 +148,9 @@ def _stored_tensors(reader: gguf.GGUFReader, arch: GGUFArch, meta: Metadata) -> 
     expected = {"token_embd.weight", "output_norm.weight"}
     expected |= {f"blk.{i}.{kind}.weight" for i in range(n_layers) for kind in arch.layer}
     expected |= {f"blk.{i}.{kind}.bias" for i in range(n_layers) for kind in arch.biases}
+    if arch.experts:  # gate and up experts, or both fused
+        expected |= {f"blk.{i}.{kind}.weight" for i in range(n_layers) for kind in ("ffn_gate_exps", "ffn_up_exps")
+                     if f"blk.{i}.ffn_gate_up_exps.weight" not in by_name}
     missing = sorted(expected - set(by_name))
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -164,10 +169,23 @@ def _hf_name(gguf_name: str, arch: GGUFArch, meta: Metadata, n_layers: int) -> s
     if gguf_name in _ROPE_TABLES:
         return gguf_name
     match = _LAYER_TENSOR.fullmatch(gguf_name)
+    if match and int(match[1]) < n_layers and arch.experts and match[3] == "weight" and (
+            match[2] in EXPERT_GATE_UP or match[2] == "ffn_down_exps"):
+        return f"model.layers.{match[1]}.{EXPERT_GATE_UP.get(match[2], arch.layer.get(match[2]))}"
     if match and int(match[1]) < n_layers and match[2] in arch.layer and (
             match[3] == "weight" or match[2] in arch.biases):
         return f"model.layers.{match[1]}.{arch.layer[match[2]]}.{match[3]}"
     raise meta.error(f"unexpected tensor {gguf_name!r} in a {meta.arch} GGUF with {n_layers} layers")
+
+
+def _fuse_gate_up_experts(tensors: dict, types: dict) -> None:
+    """Stacked gate and up experts [E, F, D] into HF's `mlp.experts.gate_up_proj` [E, 2F, D], gate first."""
+    for gate_name in [name for name in tensors if name.endswith(".mlp.experts.gate_proj")]:
+        up_name = gate_name.replace(".gate_proj", ".up_proj")
+        fused = gate_name.replace(".gate_proj", ".gate_up_proj")
+        tensors[fused] = np.concatenate([tensors.pop(gate_name), tensors.pop(up_name)], axis=1)
+        gate_type, up_type = types.pop(gate_name), types.pop(up_name)
+        types[fused] = gate_type if gate_type == up_type else f"{gate_type}+{up_type}"
 
 
 def _hf_shape(tensor) -> tuple[int, ...]:
@@ -177,7 +195,7 @@ def _hf_shape(tensor) -> tuple[int, ...]:
 def _check_shapes(stored: dict, config: dict, path: Path) -> None:
     """Every weight's HF shape must follow from the config (a wrong head count shows here)."""
     expected = expected_shapes(config)
-    for name, tensor in stored.items():
+    for name, tensor in stored.items():  # experts' names have no .weight: their last two parts still key
         want = expected.get(".".join(name.rsplit(".", 2)[-2:]))
         if want is not None and _hf_shape(tensor) != want:
             raise CheckpointError(f"{path}: tensor {tensor.name!r} has shape {list(_hf_shape(tensor))} "

@@ -18,8 +18,8 @@ import numpy as np
 
 QT = gguf.GGMLQuantizationType
 ARCH_OF = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "gemma3_text": "gemma3",
-           "phi3": "phi3", "smollm3": "smollm3"}
-PERMUTED = ("llama", "smollm3")  # LlamaModel.modify_tensors permutes q/k for these
+           "phi3": "phi3", "smollm3": "smollm3", "mixtral": "llama", "qwen3_moe": "qwen3moe"}
+PERMUTED = ("llama", "smollm3")  # LlamaModel.modify_tensors permutes q/k for these (Mixtral is `llama`)
 NORM_PLUS_ONE = ("gemma2", "gemma3")  # Gemma*Model.modify_tensors adds 1 to every norm weight
 
 
@@ -61,7 +61,7 @@ def _common(writer: gguf.GGUFWriter, cfg, arch: str) -> None:
     if sliding is not None:
         writer.add_rope_freq_base_swa(sliding["rope_theta"])
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    if "head_dim" in cfg.to_diff_dict():
+    if getattr(cfg, "head_dim", None):  # the converter writes it when config.json has head_dim
         writer.add_key_length(cfg.head_dim)
         writer.add_value_length(cfg.head_dim)
 
@@ -100,6 +100,11 @@ def _parameters(writer: gguf.GGUFWriter, cfg, arch: str) -> None:
     if arch in PERMUTED:  # LlamaModel.set_gguf_parameters
         writer.add_vocab_size(cfg.vocab_size)
         writer.add_rope_dimension_count(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    if hasattr(cfg, "num_experts_per_tok"):  # TextModel: num_local_experts / num_experts
+        writer.add_expert_count(getattr(cfg, "num_local_experts", None) or cfg.num_experts)
+        writer.add_expert_used_count(cfg.num_experts_per_tok)
+    if arch == "qwen3moe":  # Qwen2MoeModel.set_gguf_parameters
+        writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
     if arch == "gemma3":
         if cfg.final_logit_softcapping:
             writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
@@ -154,11 +159,24 @@ def gguf_tensors(model, qtype_of) -> dict[str, tuple[np.ndarray, QT]]:
             data = llama_cpp_permute(data, cfg.num_attention_heads, cfg.num_key_value_heads)
         if arch in NORM_PLUS_ONE and hf_name.endswith("norm.weight"):
             data = data + 1
-        base, suffix = hf_name.rsplit(".", 1)
         qtype = qtype_of(hf_name) if data.ndim >= 2 else QT.F32
-        out[f"{names.get_name(base)}.{suffix}"] = (gguf.quants.quantize(data, qtype), qtype)
+        for name, part in _gguf_names(hf_name, data, names):
+            out[name] = (gguf.quants.quantize(part, qtype), qtype)
     out |= {name: (table, QT.F32) for name, table in _extra_tensors(cfg, arch).items()}
     return out
+
+
+def _gguf_names(hf_name: str, data: np.ndarray, names) -> list[tuple[str, np.ndarray]]:
+    """GGUF name(s) of one HF tensor: stacked experts [E, 2F, D] are split into gate and up
+    (Qwen2MoeModel.modify_tensors), the rest mapped with the gguf package's tensor-name table."""
+    if hf_name.endswith("mlp.experts.gate_up_proj"):
+        layer = hf_name.split(".")[2]
+        gate, up = np.split(data, 2, axis=1)
+        return [(f"blk.{layer}.ffn_gate_exps.weight", gate), (f"blk.{layer}.ffn_up_exps.weight", up)]
+    if hf_name.endswith("mlp.experts.down_proj"):
+        return [(f"blk.{hf_name.split('.')[2]}.ffn_down_exps.weight", data)]
+    base, suffix = hf_name.rsplit(".", 1)
+    return [(f"{names.get_name(base)}.{suffix}", data)]
 
 
 def write_like_llama_cpp(model, path, qtype_of=lambda hf_name: QT.F32, tokenizer=_tokenizer):

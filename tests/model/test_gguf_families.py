@@ -39,9 +39,12 @@ FAMILIES = {  # name -> (config class, settings over TINY)
         rope_type="longrope", rope_theta=10000.0, long_factor=[1.0 + 0.5 * i for i in range(8)],
         short_factor=[1.0 + 0.05 * i for i in range(8)]))),
     "smollm3": (transformers.SmolLM3Config, dict(num_hidden_layers=4)),  # layer 3 has no RoPE
+    "mixtral": (transformers.MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2)),  # `llama` + experts
+    "qwen3-moe": (transformers.Qwen3MoeConfig, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                                     norm_topk_prob=True)),
 }
-# Families transformers' own GGUF loader reads (it has no smollm3).
-TRANSFORMERS_READS = ("llama", "llama3-rope", "qwen2", "qwen3-yarn", "gemma2", "gemma3", "phi3-longrope")
+# Families transformers' own GGUF loader reads (it has no smollm3, and reads Mixtral's `llama` file as Llama).
+TRANSFORMERS_READS = ("llama", "llama3-rope", "qwen2", "qwen3-yarn", "gemma2", "gemma3", "phi3-longrope", "qwen3-moe")
 
 
 def mixed_types(hf_name: str) -> QT:
@@ -95,6 +98,7 @@ def same(ours, theirs) -> bool:
 def test_config_is_the_hf_config(family):
     """Our dict, read by the family's transformers config class, equals the model's own config."""
     hf = family.model.config.to_dict()
+    hf["head_dim"] = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]  # None means this
     ours = type(family.model.config)(**copy.deepcopy(family.f32.hf_config)).to_dict()
     ignored = {"architectures", "_name_or_path", "transformers_version", "dtype"}
     diffs = {key: (ours.get(key), value) for key, value in hf.items()
@@ -127,7 +131,7 @@ def test_transformers_reads_the_same_tensors(family):
     """transformers' own GGUF loader is an independent inverse of llama.cpp's converter (given the
     model's config: it reads neither Qwen3's key_length nor Phi-3's RoPE tables from the file)."""
     if family.name not in TRANSFORMERS_READS:
-        assert family.name == "smollm3"
+        assert family.name in ("smollm3", "mixtral")
         return
     theirs = transformers.AutoModelForCausalLM.from_pretrained(
         family.f32_path.parent, gguf_file=family.f32_path.name, config=family.model.config,
