@@ -112,7 +112,7 @@ class ModelConfig:
     # logits soft-capped as cap * tanh(logits / cap) when attn_softcap is set.
     qkv_bias: bool = False
     out_bias: bool = False
-    query_pre_attn_scalar: float | None = None
+    query_pre_attn_scalar: int | None = None
     attn_softcap: float | None = None
     sliding_window: int | None = None
     layer_attention: tuple[str, ...] = ("full",)

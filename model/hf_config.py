@@ -223,7 +223,7 @@ def _gemma(hf: dict[str, Any], pattern: int) -> Fields:
     default = ["sliding_attention" if (i + 1) % pattern else "full_attention"
                for i in range(hf["num_hidden_layers"])]
     fields = _shape(hf, head_dim=256) | _biases(hf)
-    scalar = float(hf.get("query_pre_attn_scalar", 256))
+    scalar = int(hf.get("query_pre_attn_scalar", 256))
     return (fields | _layer_windows(hf, hf.get("sliding_window"), default)
             | dict(norm_offset=1.0, post_attn_norm=True, post_mlp_norm=True,
                    scale_embeddings=True,

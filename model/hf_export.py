@@ -33,10 +33,13 @@ _RUNTIME = dict(dtype="float32", param_dtype="float32", remat="none")
 
 
 def config_to_hf(cfg: ModelConfig, bos_token_id: int | None = None,
-                 eos_token_id: int | list[int] | None = None) -> dict[str, Any]:
-    """A config.json dict that transformers' AutoConfig reads back as `cfg`."""
+                 eos_token_id: int | list[int] | None = None,
+                 pad_token_id: int | None = None) -> dict[str, Any]:
+    """A config.json dict that transformers' AutoConfig reads back as `cfg`. The token
+    ids are always written (None included), so no HF class default (Phi-3's pad id
+    32000) lands outside a small vocabulary."""
     hf = export_dict(cfg)
-    hf.update(bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+    hf.update(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
               torch_dtype=cfg.param_dtype, tie_word_embeddings=cfg.tie_embeddings)
     return hf
 

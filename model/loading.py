@@ -101,7 +101,8 @@ def save_hf(model: Decoder, tokenizer: Tokenizer | None, directory: str | os.Pat
     bos = tokenizer.bos_token_id if tokenizer is not None else None
     eos = list(tokenizer.eos_token_ids) if tokenizer is not None else []
     eos_id = eos[0] if len(eos) == 1 else (eos or None)
-    hf_config = config_to_hf(config, bos_token_id=bos, eos_token_id=eos_id)
+    pad = tokenizer.pad_token_id if tokenizer is not None else None
+    hf_config = config_to_hf(config, bos_token_id=bos, eos_token_id=eos_id, pad_token_id=pad)
     generation = {"bos_token_id": bos, "eos_token_id": eos_id}
     if tokenizer is not None and tokenizer.pad_token_id is not None:
         generation["pad_token_id"] = tokenizer.pad_token_id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import transformers
 
@@ -79,6 +80,23 @@ def make_hf_model(name: str, seed: int = 0) -> transformers.PreTrainedModel:
         for p in model.parameters():  # norms and biases are 1/0 at init: randomize them
             p.add_(0.05 * torch.randn_like(p))
     return model.eval().float()
+
+
+def jitted(model):
+    """`model(ids, attention_mask=mask)` as one jit program per shape: on these tiny
+    models compiling the whole forward is 5-7x faster than running it op by op."""
+    import jax
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    run = jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state)(ids, attention_mask=mask))
+
+    def forward(ids, attention_mask=None):
+        ids = np.asarray(ids)
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+        return np.asarray(run(state, ids, mask))
+
+    return forward
 
 
 def hf_logits(model, ids, attention_mask=None, position_ids=None):

@@ -11,9 +11,15 @@ from flaxlm.model import ConfigError, ModelConfig, abstract_model, param_stats, 
 from flaxlm.model.hf_config import config_from_hf
 from flaxlm.model.hf_export import config_to_hf
 
-REQUIRED = {"smollm2-135m", "smollm2-360m", "smollm2-1.7b", "llama-3.2-1b", "gpt2"}
+REQUIRED = {"smollm2-135m", "smollm2-360m", "smollm2-1.7b", "llama-3.2-1b", "gpt2",
+            "qwen3-0.6b", "gemma-2-2b", "gemma-3-1b", "phi-3-mini-4k", "smollm3-3b",
+            "mixtral-8x7b", "qwen3-30b-a3b"}
 # Published parameter counts (tied embeddings counted once).
-KNOWN_COUNTS = {"smollm2-135m": 134_515_008, "gpt2": 124_439_808}
+KNOWN_COUNTS = {"smollm2-135m": 134_515_008, "gpt2": 124_439_808,
+                "qwen3-0.6b": 596_049_920, "gemma-2-2b": 2_614_341_888,
+                "gemma-3-1b": 999_885_952, "phi-3-mini-4k": 3_821_079_552,
+                "smollm3-3b": 3_075_098_624, "mixtral-8x7b": 46_702_792_704,
+                "qwen3-30b-a3b": 30_532_122_624}
 
 
 def test_required_presets_exist():

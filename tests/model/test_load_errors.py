@@ -108,9 +108,9 @@ def test_unknown_model_type(bad_dir):
 def test_unsupported_rope(bad_dir, key):
     config = json.loads((bad_dir / "config.json").read_text())
     config.pop("rope_parameters", None)
-    config[key] = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0}
+    config[key] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
     (bad_dir / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="RoPE scaling type 'yarn'"):
+    with pytest.raises(CheckpointError, match="RoPE scaling type .dynamic."):
         load(bad_dir)
 
 
