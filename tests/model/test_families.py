@@ -18,7 +18,7 @@ from flaxlm.model.hf_config import SUPPORTED_TYPES, config_from_hf
 from flaxlm.model.hf_export import config_to_hf
 from flaxlm.model.hf_weights import params_from_hf
 from flaxlm.model.params import build_model, flat_params
-from flaxlm.model.sharding import make_mesh, shard_model, use_sharding
+from flaxlm.model.sharding import RULES, make_mesh, param_shardings, shard_model, use_sharding
 from tests.hf_models import jitted, make_hf_model
 
 FAMILIES = ["qwen3-window", "gemma2-softcap", "gemma3-local-global", "phi3-longrope",
@@ -28,7 +28,7 @@ SEQ = 72
 
 @pytest.fixture(scope="module")
 def built():
-    """name -> (HF model, flaxlm model of its weights), each built once."""
+    """name -> (flaxlm model of a tiny HF model's weights, its jitted forward), built once."""
     cache = {}
 
     def get(name):
@@ -36,8 +36,8 @@ def built():
             hf_model = make_hf_model(name)
             config = config_from_hf(hf_model.config.to_dict(), name)
             tensors = {k: v.numpy() for k, v in hf_model.state_dict().items()}
-            cache[name] = hf_model, build_model(config, params_from_hf(config, tensors, name),
-                                                name)
+            model = build_model(config, params_from_hf(config, tensors, name), name)
+            cache[name] = model, jitted(model)
         return cache[name]
 
     return get
@@ -74,19 +74,18 @@ def test_exported_model_type(name, model_type):
 def test_each_option_changes_the_logits(built, name, change):
     """Turning one option off (or another way) moves the logits far past the parity
     tolerance: the parity tests would catch it being ignored."""
-    _, model = built(name)
+    model, forward = built(name)
     config = model.config
     changed = nnx.merge(nnx.graphdef(nnx.eval_shape(
         lambda: type(model)(config.replace(**change), rngs=nnx.Rngs(0)))), nnx.state(model))
     ids = _ids()
-    assert np.abs(jitted(changed)(ids) - jitted(model)(ids)).max() > 1e-2
+    assert np.abs(jitted(changed)(ids) - forward(ids)).max() > 1e-2
 
 
 def test_longrope_switches_on_the_calls_longest_position(built):
     """Short factors while a call stays within original_max_position_embeddings (32),
     long ones past it, for the whole call (as HF)."""
-    _, model = built("phi3-longrope")
-    forward = jitted(model)
+    _, forward = built("phi3-longrope")
     ids = _ids()
     short = forward(ids[:, :32])
     np.testing.assert_allclose(forward(ids[:, :32]), short, atol=1e-6)
@@ -97,40 +96,52 @@ def test_longrope_switches_on_the_calls_longest_position(built):
 def test_int8_computes_its_dequantized_weights(built, name):
     """Every projection (MoE experts included, routers kept float) is int8, and the
     int8 model's logits are those of the float model of its dequantized weights."""
-    _, model = built(name)
+    model, forward = built(name)
     q = quantize(model)
     dtypes = {k: v.dtype for k, v in flat_params(q).items()}
     assert all(dtypes[k] == np.int8 for k in dtypes
                if k.endswith(("_proj.kernel", "embed.embedding")))
     assert all(dtypes[k] == np.float32 for k in dtypes if k.endswith((".router", "norm.scale")))
-    ids = _ids(24)
+    ids = _ids()
     ours, exact = jitted(q)(ids), jitted(dequantize_model(q))(ids)
     assert np.abs(ours - exact).max() <= 1e-4
     # And close to the float model: per-channel int8 of these random tiny models moves
     # logits by ~2% of their mean size (1.5-2.3% measured), keeps >= 95% of the argmaxes.
-    float_logits = jitted(model)(ids)
+    float_logits = forward(ids)
     assert np.abs(ours - float_logits).mean() < 0.05 * np.abs(float_logits).mean()
     assert (ours.argmax(-1) == float_logits.argmax(-1)).mean() >= 0.9
 
 
+def _mesh(config):
+    """8 devices: tensor parallel where the kv heads split, experts over `expert`."""
+    tensor = 2 if config.num_kv_heads % 2 == 0 else 1
+    return make_mesh({"fsdp": 4 // tensor, "expert": 2, "tensor": tensor}), tensor
+
+
 @pytest.mark.parametrize("name", FAMILIES)
+def test_every_parameter_shards_by_the_rules(built, name):
+    model, _ = built(name)
+    mesh, tensor = _mesh(model.config)
+    specs = {path: var.get_value().spec for path, var in nnx.to_flat_state(
+        param_shardings(nnx.state(model, nnx.Param), mesh, RULES))}
+    for path, spec in specs.items():
+        if path[-2:] == ("gate_proj", "kernel") and model.config.num_experts:
+            assert spec in (P("expert", "fsdp", "tensor" if tensor > 1 else None),
+                            P("fsdp", "tensor" if tensor > 1 else None))  # MoE or dense layer
+
+
+@pytest.mark.parametrize("name", ["gemma3-local-global", "mixtral-moe", "qwen3-moe"])
 def test_sharded_forward_equals_unsharded(built, name):
-    """On 8 CPU devices (tensor parallel where the kv heads split, experts over
-    `expert`) the logits are the single-device ones."""
-    _, model = built(name)
-    tensor = 2 if model.config.num_kv_heads % 2 == 0 else 1
-    mesh = make_mesh({"fsdp": 4 // tensor, "expert": 2, "tensor": tensor})
+    """Sharded over fsdp, expert (and tensor) the logits are the single-device ones;
+    with experts split over `expert` the MoE layers take the all-experts einsum."""
+    model, forward = built(name)
+    mesh, _ = _mesh(model.config)
     ids = _ids(batch=8)
-    reference = jitted(model)(ids)
-    sharded = shard_model(nnx.clone(model), mesh)
-    if model.config.num_experts:
-        kernel = sharded.layers[1].mlp.gate_proj.kernel.get_value()
-        assert kernel.sharding.spec == P("expert", "fsdp", "tensor" if tensor > 1 else None)
-    graphdef, state = nnx.split(sharded)
+    graphdef, state = nnx.split(shard_model(nnx.clone(model), mesh))
     with use_sharding(mesh):
         run = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
         out = np.asarray(run(state, ids))
-    np.testing.assert_allclose(out, reference, atol=1e-5)
+    np.testing.assert_allclose(out, forward(ids), atol=1e-5)
 
 
 def test_unsupported_model_type_lists_the_supported_ones():

@@ -41,7 +41,8 @@ def test_loss_falls_and_files_are_written(straight):
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert set(records[0]) == {"step", "loss", "eval_loss", "eval_ppl", "lr", "grad_norm",
-                               "tokens_per_s", "mfu"}
+                               "router_loss", "tokens_per_s", "mfu"}
+    assert records[0]["router_loss"] is None  # no MoE layers
     assert records[-1]["loss"] < records[0]["loss"] - 0.5
     assert records[2]["eval_loss"] is not None and records[1]["eval_loss"] is None
     assert records[-1]["eval_loss"] < records[2]["eval_loss"]
