@@ -149,7 +149,7 @@ def _layer_windows(hf: dict[str, Any], window: int | None, default_types: list[s
                 layer_attention=tuple(kinds))
 
 
-def _all_layers_window(hf: dict[str, Any], window: int | None) -> Fields:
+def _all_layers_window(window: int | None) -> Fields:
     """One window on every layer (Mistral, Mixtral, Phi-3, Qwen3-MoE)."""
     return dict(sliding_window=window, layer_attention=("sliding" if window else "full",))
 
@@ -181,7 +181,7 @@ def _llama(hf: dict[str, Any], *, head_dim: int | None = None, norm_eps: float =
 
 def _mistral(hf: dict[str, Any]) -> Fields:
     _require(not hf.get("layer_types"), "mistral with layer_types is not supported")
-    return _llama(hf) | _all_layers_window(hf, hf.get("sliding_window"))
+    return _llama(hf) | _all_layers_window(hf.get("sliding_window"))
 
 
 def _qwen2(hf: dict[str, Any]) -> Fields:
@@ -199,7 +199,7 @@ def _phi3(hf: dict[str, Any]) -> Fields:
     # Phi3Config's original_max_position_embeddings (default 4096) wins over rope_scaling's.
     original = hf.get("original_max_position_embeddings", 4096)
     return (_llama(hf, norm_eps=1e-5, rope=_rope(hf, params, default_original=original))
-            | _all_layers_window(hf, hf.get("sliding_window"))
+            | _all_layers_window(hf.get("sliding_window"))
             | dict(qkv_bias=False, out_bias=False, mlp_bias=False))
 
 
@@ -258,7 +258,7 @@ def _gemma3(hf: dict[str, Any]) -> Fields:
 
 def _mixtral(hf: dict[str, Any]) -> Fields:
     return (_llama(hf, norm_eps=1e-5, theta=1_000_000.0)
-            | _all_layers_window(hf, hf.get("sliding_window"))
+            | _all_layers_window(hf.get("sliding_window"))
             | dict(num_experts=hf["num_local_experts"],
                    experts_per_token=hf["num_experts_per_tok"],
                    expert_mlp_dim=hf["intermediate_size"], router="softmax_topk",
@@ -273,7 +273,7 @@ def _qwen3_moe(hf: dict[str, Any]) -> Fields:
     mlp = tuple("moe" if i not in dense and experts > 0 and (i + 1) % step == 0 else "dense"
                 for i in range(layers))
     window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
-    return (_llama(hf) | _all_layers_window(hf, window) | dict(qk_norm=True, mlp_bias=False)
+    return (_llama(hf) | _all_layers_window(window) | dict(qk_norm=True, mlp_bias=False)
             | dict(num_experts=experts if "moe" in mlp else 0,
                    experts_per_token=hf["num_experts_per_tok"],
                    expert_mlp_dim=hf["moe_intermediate_size"], router="softmax_topk",

@@ -9,9 +9,11 @@ but GPT-2 shares Llama's names, with these variations, read from the config
   `pre_feedforward_layernorm` / `post_feedforward_layernorm` surround the MLP.
 - Phi-3: fused `qkv_proj` [(heads + 2 kv heads) * h, d] and `gate_up_proj`
   [2 * mlp, d], split on load into q/k/v and gate/up. Split is the layout
-  flaxlm keeps: a decode-shaped step over Phi-3-mini's shapes ran 3-10% faster
-  with separate matrices than fused ones on the 2-core Xeon
-  (scripts/bench_fused_proj.py, docs/benchmarks.md), and XLA needs no slices.
+  flaxlm keeps: in a decode-shaped step over Phi-3-mini's shapes, separate
+  matrices were faster than fused ones in 5 of 6 runs on the (loaded) 2-core
+  Xeon, split/fused 0.78-1.10, median 0.91 (scripts/bench_fused_proj.py,
+  docs/benchmarks.md); fusing gains nothing measurable, and split keeps one
+  layout for every family (per-head sharding, int8 rows, the GGUF Q8_0 path).
 - MoE: the router `gate` [experts, d] and per-expert weights, Mixtral's
   `block_sparse_moe.experts.E.w1/w3/w2` or Qwen3-MoE's
   `mlp.experts.E.gate_proj/up_proj/down_proj`, stacked on load into

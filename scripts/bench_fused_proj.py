@@ -4,7 +4,8 @@ Phi-3 checkpoints store q, k, v as one [D, (H + 2K) * h] matrix and gate, up as
 one [D, 2F] matrix. This times a decode-shaped step (a few rows through L
 layers of attention-input and MLP-input projections, inside one jit program)
 with the fused matrices against the same weights split into separate matrices,
-as flaxlm's Attention and Mlp use them. Prints ms per step, best of `--repeats`.
+as flaxlm's Attention and Mlp use them. Prints ms per step, the best of
+`--rounds` alternating rounds.
 
     .venv/bin/python scripts/bench_fused_proj.py [--shape phi3-mini|smollm2] [--rows 1]
 """
@@ -65,24 +66,27 @@ def split_step(layers, x, sizes):
     return x
 
 
-def time_it(fn, layers, x, repeats, sizes):
-    fn = jax.jit(functools.partial(fn, sizes=sizes))
-    fn(layers, x).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(10):
-            x = fn(layers, x)
-        x.block_until_ready()
-        best = min(best, (time.perf_counter() - t0) / 10)
-    return best * 1e3
+def interleaved(fns: dict, args: dict, rounds: int, calls: int = 5) -> dict[str, float]:
+    """Best ms per call of each compiled fn, timed in alternation round after round
+    (so machine load hits both alike; the minimum is the least disturbed run)."""
+    for name, fn in fns.items():
+        fn(*args[name]).block_until_ready()
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                out = fn(*args[name])
+            out.block_until_ready()
+            best[name] = min(best[name], (time.perf_counter() - t0) / calls * 1e3)
+    return best
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=SHAPES, action="append")
     ap.add_argument("--rows", type=int, action="append")
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=15)
     args = ap.parse_args(argv)
     print(f"machine: {platform.machine()}, {jax.devices()[0].device_kind}, jax {jax.__version__}")
     for name in args.shape or list(SHAPES):
@@ -91,15 +95,13 @@ def main(argv=None):
         separate = split(fused, shape)
         d, n, k, h, _, _ = shape
         sizes = (n * h, (n + k) * h)
+        fns = {"fused": jax.jit(functools.partial(fused_step, sizes=sizes)),
+               "split": jax.jit(functools.partial(split_step, sizes=sizes))}
         for rows in args.rows or [1, 4]:
-            x = jnp.asarray(np.random.default_rng(1).standard_normal((rows, shape[0]), np.float32))
-            # alternate to spread machine-load noise over both
-            f1 = time_it(fused_step, fused, x, args.repeats, sizes)
-            s1 = time_it(split_step, separate, x, args.repeats, sizes)
-            f2 = time_it(fused_step, fused, x, args.repeats, sizes)
-            s2 = time_it(split_step, separate, x, args.repeats, sizes)
-            print(f"{name} rows={rows}: fused {min(f1, f2):.3f} ms, split {min(s1, s2):.3f} ms, "
-                  f"split/fused {min(s1, s2) / min(f1, f2):.3f}")
+            x = jnp.asarray(np.random.default_rng(1).standard_normal((rows, d), np.float32))
+            best = interleaved(fns, {"fused": (fused, x), "split": (separate, x)}, args.rounds)
+            print(f"{name} rows={rows}: fused {best['fused']:.3f} ms, split {best['split']:.3f} ms,"
+                  f" split/fused {best['split'] / best['fused']:.3f}", flush=True)
 
 
 if __name__ == "__main__":

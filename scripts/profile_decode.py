@@ -3,6 +3,14 @@
     .venv/bin/python scripts/profile_decode.py                 # batch 1, 4, 8
     .venv/bin/python scripts/profile_decode.py --batch 4 --ops  # + op-time table
     .venv/bin/python scripts/profile_decode.py --quantize int8
+    .venv/bin/python scripts/profile_decode.py --hlo           # + what XLA compiled
+
+With `--hlo`, each batch size's compiled decode step is also summarized
+machine-independently: instruction count, XLA's flop and byte estimates, and a
+fingerprint of the optimized HLO with names and source locations removed. Two
+trees whose fingerprints agree compiled the same program, whatever the load on
+the machine that timed them (how the config generalisation of issue 13 was
+checked to cost decode nothing).
 
 Runs `flaxlm.infer.engine.decode_step` for `--steps` tokens inside one
 `lax.fori_loop` (cache of `--cache-len` slots, `--prompt-len` of them filled)
@@ -20,6 +28,7 @@ import argparse
 import collections
 import glob
 import gzip
+import hashlib
 import json
 import re
 import sys
@@ -43,6 +52,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--quantize", choices=["int8", "q8_0"])
     ap.add_argument("--ops", action="store_true", help="also print per-op times (profiled)")
+    ap.add_argument("--hlo", action="store_true",
+                    help="also print the compiled step's size, cost and fingerprint")
     args = ap.parse_args(argv)
     if not 0 < args.prompt_len < args.cache_len or args.steps < 1:
         print("error: need 0 < --prompt-len < --cache-len and --steps >= 1", file=sys.stderr)
@@ -77,7 +88,28 @@ def main(argv=None) -> int:
         print(f"batch {batch}: {best:.1f} ms/step ({batch * 1e3 / best:.1f} tok/s)")
         if args.ops:
             print_ops(run, state, fresh(), tokens, args.steps)
+        if args.hlo:
+            print_hlo(graphdef, state, fresh(), tokens)
     return 0
+
+
+def print_hlo(graphdef, state, cache, tokens) -> None:
+    """One decode step's optimized HLO: size, XLA's cost estimate, a fingerprint."""
+    def one(state, cache, tokens):
+        return decode_step(nnx.merge(graphdef, state), cache, tokens)
+
+    compiled = jax.jit(one, donate_argnums=1).lower(state, cache, tokens).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    lines = []
+    for line in compiled.as_text().splitlines():
+        if re.match(r"\s*(HloModule|FileNames|FunctionNames|FileLocations|StackFrames|\d+ |\")", line):
+            continue
+        line = re.sub(r", metadata=\{[^}]*\}|stack_frame_id=\d+", "", line)
+        lines.append(re.sub(r"%[\w.\-]+", "%x", line))
+    digest = hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()[:16]
+    print(f"  hlo: {len(lines)} lines, {cost.get('flops', 0):.4g} flops, "
+          f"{cost.get('bytes accessed', 0):.4g} bytes accessed, fingerprint {digest}")
 
 
 def print_ops(run, state, cache, tokens, steps: int, top: int = 25) -> None:

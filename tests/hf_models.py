@@ -26,6 +26,8 @@ VARIANTS = {
     "mistral-window": (transformers.MistralConfig, dict(num_attention_heads=4,
                                                        num_key_value_heads=2, sliding_window=24)),
     "qwen2-bias": (transformers.Qwen2Config, dict(num_attention_heads=4, num_key_value_heads=2)),
+    "llama-bias": (transformers.LlamaConfig, dict(num_attention_heads=4, num_key_value_heads=2,
+                                                 attention_bias=True, mlp_bias=True)),
     "gpt2": (transformers.GPT2Config, dict(vocab_size=320, n_embd=64, n_layer=2, n_head=4,
                                            n_positions=256)),
     # q/k norms; layers from max_window_layers on slide.
