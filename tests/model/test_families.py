@@ -61,6 +61,15 @@ def test_exported_model_type(name, model_type):
     assert config_to_hf(config)["model_type"] == model_type
 
 
+@pytest.mark.parametrize("change, message", [
+    (dict(post_mlp_norm=True), "the closest, llama, cannot express post_mlp_norm=True"),
+    (dict(qk_norm=True, final_softcap=5.0), "the closest, qwen3, cannot express final_softcap=5.0"),
+])
+def test_export_names_what_no_hf_type_expresses(change, message):
+    with pytest.raises(CheckpointError, match=message):
+        config_to_hf(ModelConfig.preset("tiny-llama").replace(**change))
+
+
 @pytest.mark.parametrize("name, change", [
     ("gemma2-softcap", dict(attn_softcap=None)),
     ("gemma2-softcap", dict(final_softcap=None)),
