@@ -54,7 +54,9 @@ def test_router_loss_matches_transformers(name):
         out = hf_model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
                        output_router_logits=True)
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-    logits, router_logits = model.with_router_logits(ids, positions, mask)
+    graphdef, state = nnx.split(model)
+    _, router_logits = jax.jit(lambda s, *args: nnx.merge(graphdef, s).with_router_logits(
+        *args))(state, ids, positions, mask)
     ref = [r.float().numpy().reshape(3, 40, -1) for r in out.router_logits]
     ref = [r for r in ref if r.shape[-1] == model.config.num_experts]  # MoE layers only
     assert len(router_logits) == len(ref) == model.config.layer_kinds("mlp").count("moe")
