@@ -202,13 +202,15 @@ class LLM:
 
 
 class TextStreamer:
-    """Iterates over text pieces; when exhausted, `num_tokens`, `finish_reason`,
-    `ttft_s` (first token, compilation included) and `decode_tokens_per_s` are set."""
+    """Iterates over text pieces; when exhausted, `token_ids` (the generated tokens, as
+    `generate` returns them), `num_tokens`, `finish_reason`, `ttft_s` (first token,
+    compilation included) and `decode_tokens_per_s` are set."""
 
     def __init__(self, pieces: Iterator[tuple[str, StreamEnd | None]]):
         self._pieces = pieces
         self._start = time.perf_counter()
         self._first: float | None = None
+        self.token_ids: list[int] = []
         self.num_tokens = 0
         self.finish_reason: str | None = None
         self.ttft_s: float | None = None
@@ -230,6 +232,7 @@ class TextStreamer:
 
     def _finish(self, final: StreamEnd) -> None:
         end = time.perf_counter()
+        self.token_ids = list(final.token_ids)
         self.num_tokens = final.num_tokens
         self.finish_reason = final.finish_reason
         if self._first is not None and self.num_tokens > 1:
