@@ -362,7 +362,8 @@ def test_other_beam_settings_compile_nothing_new(llama):
 
 
 def test_results_best_first_with_scores(llama):
-    llm = llama[1]
+    """Text prompts through the text API; each score is HF's score of that hypothesis."""
+    hf_model, llm, _ = llama
     params = SamplingParams(num_beams=4, num_return_sequences=3, max_new_tokens=20,
                             length_penalty=0.5)
     result = llm.generate("The quick brown fox", params)[0]
@@ -370,9 +371,12 @@ def test_results_best_first_with_scores(llama):
     scores = [o.score for o in result.outputs]
     assert scores == sorted(scores, reverse=True)
     assert len({tuple(o.token_ids) for o in result.outputs}) == 3
+    s = _settings(params, tuple(llm.tokenizer.eos_token_ids))
     for out in result.outputs:
-        assert out.score == pytest.approx(out.cumulative_logprob / len(out.token_ids) ** 0.5,
-                                          rel=1e-5)
+        n = len(out.token_ids)
+        hf_score = hf_sequence_score(hf_model, result.prompt_token_ids, out.token_ids, s)
+        assert out.score == pytest.approx(hf_score, abs=TIE * n ** 0.5)
+        assert out.score == pytest.approx(out.cumulative_logprob / n ** 0.5, rel=1e-5)
         assert out.text == llm.tokenizer.decode(out.token_ids, skip_special_tokens=True)
 
 
