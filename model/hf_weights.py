@@ -13,7 +13,6 @@ from flaxlm.model.config import ModelConfig
 from flaxlm.model.errors import CheckpointError
 
 
-
 class _Source:
     """Tensors by name; a missing one is an error naming the checkpoint."""
 
@@ -28,6 +27,13 @@ class _Source:
 
     def has(self, name: str) -> bool:
         return self.prefix + name in self.tensors
+
+    def reshape(self, x: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
+        """Tensor `name` (after any transpose) as `shape`; an error names the checkpoint."""
+        if x.size != int(np.prod(shape)):
+            raise CheckpointError(f"{self.source}: tensor {self.prefix + name!r} has shape "
+                                  f"{x.shape}, which does not fit the config's {shape}")
+        return x.reshape(shape)
 
 
 def params_from_hf(cfg: ModelConfig, tensors: dict[str, np.ndarray], source: str
@@ -52,12 +58,15 @@ def _llama_from_hf(cfg: ModelConfig, get: _Source) -> dict[str, np.ndarray]:
         out[ours + "mlp_norm.scale"] = get(hf + "post_attention_layernorm.weight")
         for proj, heads in (("q_proj", n), ("k_proj", k), ("v_proj", k)):
             w = get(f"{hf}self_attn.{proj}.weight")  # [heads * h, d]
-            out[f"{ours}attn.{proj}.kernel"] = _reshape(w.T, (d, heads, h), hf + proj)
+            out[f"{ours}attn.{proj}.kernel"] = get.reshape(
+                w.T, (d, heads, h), f"{hf}self_attn.{proj}.weight")
             if cfg.qkv_bias:
                 b = get(f"{hf}self_attn.{proj}.bias")
-                out[f"{ours}attn.{proj}.bias"] = _reshape(b, (heads, h), hf + proj)
+                out[f"{ours}attn.{proj}.bias"] = get.reshape(
+                    b, (heads, h), f"{hf}self_attn.{proj}.bias")
         w = get(hf + "self_attn.o_proj.weight")  # [d, n * h]
-        out[ours + "attn.o_proj.kernel"] = _reshape(w.T, (n, h, d), hf + "o_proj")
+        out[ours + "attn.o_proj.kernel"] = get.reshape(w.T, (n, h, d),
+                                                       hf + "self_attn.o_proj.weight")
         for proj in ("gate_proj", "up_proj", "down_proj"):
             out[f"{ours}mlp.{proj}.kernel"] = get(f"{hf}mlp.{proj}.weight").T
     return out
@@ -78,23 +87,17 @@ def _gpt2_from_hf(cfg: ModelConfig, get: _Source) -> dict[str, np.ndarray]:
         b = get(hf + "attn.c_attn.bias")
         for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
             cols = slice(j * n * h, (j + 1) * n * h)
-            out[f"{ours}attn.{proj}.kernel"] = _reshape(w[:, cols], (d, n, h), hf + "c_attn")
-            out[f"{ours}attn.{proj}.bias"] = _reshape(b[cols], (n, h), hf + "c_attn")
-        out[ours + "attn.o_proj.kernel"] = _reshape(get(hf + "attn.c_proj.weight"), (n, h, d),
-                                                    hf + "attn.c_proj")
+            out[f"{ours}attn.{proj}.kernel"] = get.reshape(w[:, cols], (d, n, h),
+                                                           hf + "attn.c_attn.weight")
+            out[f"{ours}attn.{proj}.bias"] = get.reshape(b[cols], (n, h), hf + "attn.c_attn.bias")
+        out[ours + "attn.o_proj.kernel"] = get.reshape(get(hf + "attn.c_proj.weight"), (n, h, d),
+                                                       hf + "attn.c_proj.weight")
         out[ours + "attn.o_proj.bias"] = get(hf + "attn.c_proj.bias")
         out[ours + "mlp.up_proj.kernel"] = get(hf + "mlp.c_fc.weight")
         out[ours + "mlp.up_proj.bias"] = get(hf + "mlp.c_fc.bias")
         out[ours + "mlp.down_proj.kernel"] = get(hf + "mlp.c_proj.weight")
         out[ours + "mlp.down_proj.bias"] = get(hf + "mlp.c_proj.bias")
     return out
-
-
-def _reshape(x: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
-    if x.size != int(np.prod(shape)):
-        raise CheckpointError(f"tensor {name} has shape {x.shape}, which does not fit "
-                              f"the config's {shape}")
-    return x.reshape(shape)
 
 
 def params_to_hf(cfg: ModelConfig, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
