@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from tests.sharding.test_train import BATCHES, _train
@@ -19,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKER = """
 import json, sys
 import jax
+import numpy as np
 from flaxlm.train.distributed import initialize
 initialize(sys.argv[1], 2, int(sys.argv[2]))
 assert jax.process_count() == 2 and jax.device_count() == 2 and jax.local_device_count() == 1
@@ -27,7 +29,10 @@ from tests.train.conftest import corpus  # noqa: F401  (a fixture)
 rank = jax.process_index()
 # Each process feeds its own half of every batch's rows; put_batch assembles global arrays.
 local = [jax.tree.map(lambda x: x[:, rank * 4:(rank + 1) * 4], b) for b in BATCHES[:2]]
-_, losses = _train("data=-1", batches=local)
+state, losses = _train("data=-1", batches=local)
+# This process's copy of every parameter (data parallel: each device holds all of it).
+np.savez(sys.argv[3], *[np.asarray(leaf.addressable_shards[0].data)
+                        for leaf in jax.tree.leaves(state.params)])
 print("LOSSES " + json.dumps(losses), flush=True)
 jax.distributed.shutdown()
 """
@@ -39,19 +44,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_take_the_single_process_steps():
+def test_two_processes_take_the_single_process_steps(tmp_path):
     address = f"127.0.0.1:{_free_port()}"
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         env.pop(name, None)
-    outputs = _launch([[sys.executable, "-c", WORKER, address, str(rank)] for rank in range(2)],
+    outputs = _launch([[sys.executable, "-c", WORKER, address, str(rank),
+                        str(tmp_path / f"rank{rank}.npz")] for rank in range(2)],
                       env, timeout=240)
     losses = [json.loads(next(line for line in out.splitlines()
                               if line.startswith("LOSSES "))[7:]) for out in outputs]
-    _, single = _train("data=1", batches=BATCHES[:2])
+    single_state, single = _train("data=1", batches=BATCHES[:2])
     np.testing.assert_allclose(losses[0], single, rtol=1e-5)
     np.testing.assert_allclose(losses[1], losses[0], rtol=0)
+    # Each rank's own copy of the trained parameters: the ranks agree bit for bit, and
+    # both follow single-process training (within the AdamW tolerance of test_train.py).
+    ranks = [np.load(tmp_path / f"rank{rank}.npz") for rank in range(2)]
+    expected = [np.asarray(leaf) for leaf in jax.tree.leaves(single_state.params)]
+    assert all(len(r.files) == len(expected) for r in ranks)
+    for i, reference in enumerate(expected):
+        np.testing.assert_array_equal(ranks[1][f"arr_{i}"], ranks[0][f"arr_{i}"])
+        np.testing.assert_allclose(ranks[0][f"arr_{i}"], reference, rtol=1e-3, atol=2e-4)
 
 
 def _launch(argv_per_rank, env, timeout=400):
