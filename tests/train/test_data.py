@@ -119,10 +119,24 @@ def test_resumed_iterator_reads_the_same_batches(source, tokenizer):
 
 
 def test_data_repeats_over_epochs(source, tokenizer):
-    # Enough batches for several epochs: every document is read, and data does not run out.
-    batches, _ = _batches(source, tokenizer, 60)
-    seen = set(np.concatenate([b.tokens.ravel() for b in batches]).tolist())
-    assert tokenizer.eos_token_id in seen
+    """The rows, read in order, are the documents (each + EOS) of one shuffled epoch after
+    another, every epoch in a new order."""
+    encode = data_lib.Encoder(tokenizer)
+    documents = [tuple(encode(source[i])["tokens"]) for i in range(len(source))]
+    epoch_tokens = sum(map(len, documents))
+    batch_tokens = 2 * 2 * 17  # [grad_accum, micro_batch, seq_len + 1]
+    batches, _ = _batches(source, tokenizer, -(-5 * epoch_tokens // (2 * batch_tokens)))  # 2.5 epochs
+    stream = np.concatenate([b.tokens.ravel() for b in batches]).tolist()
+    ends = [i for i, token in enumerate(stream) if token == encode.eos]
+    assert len(ends) >= 2 * len(documents)
+    read = [tuple(stream[start + 1:end + 1]) for start, end in zip([-1, *ends], ends)]
+    index = {doc: i for i, doc in enumerate(documents)}
+    assert len(index) == len(documents)  # the corpus has no duplicate documents
+    orders = [[index[doc] for doc in read[k * len(documents):(k + 1) * len(documents)]]
+              for k in range(2)]
+    for order in orders:
+        assert sorted(order) == list(range(len(documents)))  # each document once per epoch
+    assert orders[0] != orders[1]
 
 
 def test_split_and_process_shards_are_disjoint():
