@@ -1,4 +1,5 @@
-"""Each bad checkpoint gets a flaxlm error that names the file and the problem."""
+"""Each bad checkpoint gets a flaxlm error that names the file and the problem; the
+dtype arguments of `load`."""
 
 import json
 import shutil
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from flaxlm.model import CheckpointError, ConfigError, load
+from flaxlm.model import CheckpointError, ConfigError, flat_params, load
 from tests.hf_models import make_hf_model
 
 
@@ -125,6 +126,17 @@ def test_sharded_index_with_missing_shard(bad_dir):
 def test_bad_dtype(good_dir):
     with pytest.raises(ConfigError, match="dtype 'float8'"):
         load(good_dir, dtype="float8")
+    with pytest.raises(ConfigError, match="param_dtype 'int4'"):
+        load(good_dir, param_dtype="int4")
+
+
+def test_dtype_and_param_dtype(good_dir):
+    """load(dtype=, param_dtype=): compute and storage dtypes; param_dtype defaults to dtype."""
+    for kwargs, stored in (({"dtype": "bfloat16"}, "bfloat16"),
+                           ({"dtype": "bfloat16", "param_dtype": "float32"}, "float32")):
+        model, _ = load(good_dir, **kwargs)
+        assert model.config.dtype == "bfloat16" and model.config.param_dtype == stored
+        assert {str(v.dtype) for v in flat_params(model).values()} == {stored}
 
 
 def test_sharded_checkpoint_loads(good_dir, tmp_path):
