@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -115,6 +116,30 @@ def test_sigterm_saves_a_restorable_checkpoint(corpus, tmp_path):
         process.kill()
     assert process.returncode == 143, err
     assert "SIGTERM: stopped at step" in err
+    model, tokenizer, step = restore_model(run_dir)
+    assert step >= 2 and step == int(err.split("stopped at step ")[1].split(",")[0])
+
+
+def test_sigint_saves_and_exits_130_with_a_progress_bar(capsys, corpus, tmp_path):
+    """In-process `flaxlm train`: SIGINT finishes the step, saves a checkpoint and exits 130
+    (the console-script run above covers SIGTERM); the bar shows steps, loss and tokens/s."""
+    recipe = tiny_recipe(corpus, train={"steps": 100_000}, checkpoint={"every": 100_000},
+                         log={"eval_every": 100_000, "plot": False, "tensorboard": False,
+                              "progress": True})
+    (tmp_path / "r.toml").write_text(to_toml(recipe))
+    run_dir = tmp_path / "run"
+
+    def interrupt():  # once two steps are logged, the run's own handler is installed
+        deadline = time.monotonic() + 300
+        while len(read_metrics(run_dir)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    assert main(["train", "--config", str(tmp_path / "r.toml"), "--out", str(run_dir)]) == 130
+    err = capsys.readouterr().err
+    assert "SIGINT: stopped at step" in err, err
+    assert "step" in err and "loss=" in err and "tok_s=" in err  # the progress bar
     model, tokenizer, step = restore_model(run_dir)
     assert step >= 2 and step == int(err.split("stopped at step ")[1].split(",")[0])
 
