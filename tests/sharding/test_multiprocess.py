@@ -69,8 +69,11 @@ def test_two_processes_take_the_single_process_steps(tmp_path):
 
 
 def _launch(argv_per_rank, env, timeout=400):
-    procs = [subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for argv in argv_per_rank]
+    """Run one process per argv (env: one for all, or one per rank); all must succeed."""
+    envs = env if isinstance(env, list) else [env] * len(argv_per_rank)
+    procs = [subprocess.Popen(argv, cwd=ROOT, env=e, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for argv, e in zip(argv_per_rank, envs)]
     outputs = []
     try:
         for p in procs:
@@ -85,8 +88,10 @@ def _launch(argv_per_rank, env, timeout=400):
 
 
 def test_flaxlm_train_on_two_processes(corpus, tmp_path):
-    """`flaxlm train --coordinator ... --num-processes 2 --process-id I`: each process reads
-    its own documents, the global batch spans both, only process 0 writes the metrics."""
+    """`flaxlm train --coordinator ... --num-processes 2 --process-id 0` and, for the other
+    process, `--distributed` with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID: each process reads its own documents, the global batch spans both,
+    only process 0 writes the metrics."""
     from flaxlm.train.metrics import read_metrics
     from tests.train.conftest import tiny_recipe, to_toml
 
@@ -97,11 +102,16 @@ def test_flaxlm_train_on_two_processes(corpus, tmp_path):
     address = f"127.0.0.1:{_free_port()}"
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        env.pop(name, None)
     main = "import sys; from flaxlm.model.cli import main; sys.exit(main(sys.argv[1:]))"
-    outputs = _launch([[sys.executable, "-c", main, "train", "--config",
-                        str(tmp_path / "recipe.toml"), "--out", str(run_dir),
-                        "--coordinator", address, "--num-processes", "2", "--process-id", str(rank)]
-                       for rank in range(2)], env)
+    train = [sys.executable, "-c", main, "train", "--config", str(tmp_path / "recipe.toml"),
+             "--out", str(run_dir)]
+    outputs = _launch(
+        [train + ["--coordinator", address, "--num-processes", "2", "--process-id", "0"],
+         train + ["--distributed"]],
+        [env, {**env, "JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2",
+               "JAX_PROCESS_ID": "1"}])
     assert all("done: step 2" in out for out in outputs), outputs
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2]  # one writer: no duplicated lines

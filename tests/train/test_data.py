@@ -11,6 +11,9 @@ from flaxlm.train import data as data_lib
 from flaxlm.train.sources import DataError, DocumentSource, default_corpus, find_files
 from flaxlm.train.tokenizer_train import train_tokenizer
 
+from tests.hf_models import save_tokenizer
+from tests.train.conftest import tiny_recipe
+
 
 @pytest.fixture(scope="module")
 def tokenizer(corpus):
@@ -137,6 +140,24 @@ def test_data_repeats_over_epochs(source, tokenizer):
     for order in orders:
         assert sorted(order) == list(range(len(documents)))  # each document once per epoch
     assert orders[0] != orders[1]
+
+
+def test_tokenizer_source_names_a_model(source, corpus, tmp_path):
+    """tokenizer.source = a model path: the run uses (and keeps in RUN_DIR/tokenizer) that
+    model's tokenizer."""
+    from flaxlm.model import Tokenizer
+    from flaxlm.train.prepare import _tokenizer
+
+    save_tokenizer(tmp_path, 300)
+    recipe = tiny_recipe(corpus, tokenizer={"source": str(tmp_path)})
+    split = data_lib.split_documents(len(source), 0.1, seed=0)
+    (tmp_path / "run").mkdir()
+    tokenizer = _tokenizer(recipe, tmp_path / "run", recipe.model_config(), source, split, None)
+    model_tokenizer = Tokenizer.from_hf_dir(tmp_path)
+    saved = Tokenizer.from_hf_dir(tmp_path / "run" / "tokenizer")
+    for tok in (tokenizer, saved):
+        assert tok.backend.to_str() == model_tokenizer.backend.to_str()
+        assert tok.encode(source[0]) == model_tokenizer.encode(source[0])
 
 
 def test_split_and_process_shards_are_disjoint():

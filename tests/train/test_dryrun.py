@@ -73,6 +73,19 @@ def test_dry_run_plans_for_devices_that_are_not_here(capsys, tmp_path):
     assert remat.activation_bytes == 122_880 + 16_384 + 122_880
 
 
+def test_dry_run_devices_flag(capsys, tmp_path):
+    """`--dry-run --devices 64` plans the mesh of 64 devices from here (formula activations)."""
+    recipe = tiny_recipe(tmp_path / "no-corpus", model={**MODEL, "embed_dim": 64, "head_dim": 16},
+                         train={"mesh": "data=2,fsdp=-1", "batch_size": 64})
+    (tmp_path / "recipe.toml").write_text(to_toml(recipe))
+    assert main(["train", "--config", str(tmp_path / "recipe.toml"), "--dry-run",
+                 "--devices", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "mesh data=2,fsdp=32,tensor=1 (64 devices), 90,432 parameters" in out
+    assert _bytes(out, "parameters") == 11_304  # as in the test above
+    assert _bytes(out, "activations (formula)") == 245_760 + 122_880
+
+
 def test_recipe_rules_override_the_table(tmp_path):
     from flaxlm.model import ConfigError
 

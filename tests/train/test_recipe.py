@@ -30,11 +30,25 @@ def test_every_recipe_loads(path):
 
 
 def test_smollm2_recipe_is_mixed_precision():
+    """README: bfloat16 compute, float32 master weights, 2048-token sequences, 0.5M tokens
+    per step, SmolLM2's own tokenizer."""
     recipe = Recipe.load(next(p for p in RECIPES if p.name == "smollm2-135m.toml"))
     config = recipe.model_config()
     assert (config.dtype, config.param_dtype) == ("bfloat16", "float32")
     assert config == ModelConfig.preset("smollm2-135m").replace(
         dtype="bfloat16", remat=config.remat)
+    assert recipe.data.seq_len == 2048 and recipe.train.batch_size * 2048 == 2 ** 19
+    assert recipe.tokenizer.source == "smollm2-135m-instruct"
+
+
+def test_tiny_recipe_trains_its_own_tokenizer_on_the_stdlib():
+    """README: tiny.toml trains a 512-token BPE (the model's vocabulary) on the standard
+    library source (no data.files)."""
+    recipe = Recipe.load(next(p for p in RECIPES if p.name == "tiny.toml"))
+    assert recipe.data.files == () and recipe.tokenizer.source == "train"
+    assert (recipe.tokenizer.vocab_size or recipe.model_config().vocab_size) == 512
+    assert recipe.model_config() == ModelConfig.preset("tiny-llama").replace(
+        dtype="float32", remat="none")
 
 
 def test_overrides_parse_toml_values():
