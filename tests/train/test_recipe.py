@@ -95,8 +95,25 @@ def test_unknown_key_in_file_names_the_nearest_key(tmp_path):
 ])
 def test_bad_values_are_config_errors(item, message):
     path = next(p for p in RECIPES if p.name == "tiny.toml")
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as info:
         Recipe.load(path, (item,))
+    if item != "train.steps":  # not a key=value: the --set item itself is named
+        assert str(info.value).startswith(f"{path}: "), info.value
+
+
+@pytest.mark.parametrize("table, message", [
+    ('[model]\npreset = "tiny-llama"\n[data]\nformat = "csv"', "data.format 'csv'"),
+    ('[model]\npreset = "tiny-llama"\nnum_kv_heads = 3', "multiple of num_kv_heads"),
+    ('[model]\npreset = "tiny-llama"\n[train]\nmesh = "data=x"', "mesh"),
+    ('[model]\npreset = "tiny-llama"\n[optimizer]\nlr = "fast"', "optimizer.lr must be float"),
+    ('[model\n', "cannot read recipe"),
+])
+def test_errors_in_a_recipe_file_name_the_file(tmp_path, table, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(table + "\n")
+    with pytest.raises(ConfigError, match=message) as info:
+        Recipe.load(path)
+    assert str(path) in str(info.value) and str(info.value).count(str(path)) == 1, info.value
 
 
 def test_round_trip_through_dict():
