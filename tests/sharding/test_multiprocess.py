@@ -91,12 +91,12 @@ def test_flaxlm_train_on_two_processes(corpus, tmp_path):
     """`flaxlm train --coordinator ... --num-processes 2 --process-id 0` and, for the other
     process, `--distributed` with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
     JAX_PROCESS_ID: each process reads its own documents, the global batch spans both,
-    only process 0 writes the metrics."""
+    only process 0 writes the metrics, TensorBoard events and the plot."""
     from flaxlm.train.metrics import read_metrics
     from tests.train.conftest import tiny_recipe, to_toml
 
     recipe = tiny_recipe(corpus, train={"steps": 2}, checkpoint={"every": 2},
-                         log={"eval_every": 2, "tensorboard": False, "plot": False})
+                         log={"eval_every": 2, "tensorboard": True, "plot": True})
     (tmp_path / "recipe.toml").write_text(to_toml(recipe))
     run_dir = tmp_path / "run"
     address = f"127.0.0.1:{_free_port()}"
@@ -117,3 +117,5 @@ def test_flaxlm_train_on_two_processes(corpus, tmp_path):
     assert [r["step"] for r in rows] == [1, 2]  # one writer: no duplicated lines
     assert all(np.isfinite(r["loss"]) for r in rows) and rows[-1]["eval_loss"] is not None
     assert (run_dir / "checkpoints" / "2").is_dir()
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert (run_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
