@@ -8,8 +8,8 @@ from jax.sharding import PartitionSpec as P
 
 from flaxlm.model import ConfigError, Decoder, ModelConfig
 from flaxlm.model.params import param_stats
-from flaxlm.model.sharding import (RULES, MeshShape, make_mesh, make_rules, param_shardings,
-                                   shard_model, spec_for)
+from flaxlm.model.sharding import (RULES, make_mesh, make_rules, param_shardings, shard_model,
+                                   spec_for)
 
 
 def test_eight_devices():
