@@ -121,7 +121,7 @@ def _harness_tasks(args):
     from flaxlm.eval.harness import check_tasks, task_manager
 
     names = [t.strip() for t in args.harness.split(",") if t.strip()]
-    manager = task_manager(args.include_path)
+    manager = task_manager(args.include_path, names)
     check_tasks(manager, names)
     return names, manager
 
