@@ -37,13 +37,17 @@ class FlaxlmLM(LM):
 
     def __init__(self, llm: LLM | None = None, pretrained: str | None = None,
                  batch_size: int | str | None = None, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
-                 **kwargs: Any):
+                 dtype: str = "float32", quantize: str | None = None, mesh: str | None = None,
+                 **ignored: Any):
+        """An LLM, or lm-eval's model_args (pretrained=MODEL, dtype, quantize, mesh); lm-eval's
+        device and max_batch_size are ignored (JAX places the model, buckets size batches)."""
         super().__init__()
         if llm is None:
             if pretrained is None:
                 raise EvalError("FlaxlmLM needs an LLM or pretrained=MODEL")
             max_batch = int(batch_size) if str(batch_size or "").isdigit() else 64
-            llm = LLM.load(pretrained, max_batch=max_batch, **kwargs)
+            llm = LLM.load(pretrained, max_batch=max_batch, dtype=dtype, quantize=quantize,
+                           mesh=mesh)
         self.llm = llm
         self.max_gen_toks = max_gen_toks
         self._name = str(pretrained or "flaxlm")
