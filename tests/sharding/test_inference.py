@@ -68,7 +68,4 @@ def test_sharded_scoring_equals_unsharded(model_dir):
     for a, b in zip(plain.loglikelihood(requests), sharded.loglikelihood(requests)):
         assert b.token_logprobs == pytest.approx(a.token_logprobs, abs=1e-5)
         assert a.is_greedy == b.is_greedy
-    for a, b in zip(plain.loglikelihood_rolling(texts, window=16),
-                    sharded.loglikelihood_rolling(texts, window=16)):
-        assert b.logprob == pytest.approx(a.logprob, abs=1e-4) and a.num_tokens == b.num_tokens
     assert sharded.embed(texts) == pytest.approx(plain.embed(texts), abs=1e-5)
