@@ -62,7 +62,10 @@ class Decoder(nnx.Module):
                      non-padding tokens (so left padding does not shift them),
                      continuing from `cache.lengths` when a cache is given.
       attention_mask [batch, seq]: 0 marks padding; equal positive values mark
-                     one document (segment ids of packed sequences).
+                     one document (segment ids of packed sequences). Or an
+                     explicit boolean mask [batch, seq, seq] (query, key) with
+                     `positions` given, for masks segment ids cannot express
+                     (several continuations sharing one context in a row).
       cache          a `KVCache`; the new tokens' keys/values are written at
                      slots `cache.lengths` of each row (prompts right-padded).
     Returns logits [batch, seq, vocab] in float32, and the updated cache when
@@ -103,6 +106,8 @@ class Decoder(nnx.Module):
                     else attention_mask.astype(jnp.int32))
         start = cache.lengths if cache is not None else jnp.zeros(tokens.shape[0], jnp.int32)
         if positions is None:
+            if segments.ndim == 3:
+                raise ValueError("an explicit [batch, seq, seq] attention mask needs positions")
             positions = start[:, None] + jnp.maximum(jnp.cumsum(segments != 0, axis=1) - 1, 0)
         mask, new_lengths = self._mask(positions, segments, cache)
 
@@ -126,6 +131,13 @@ class Decoder(nnx.Module):
 
     def _mask(self, positions, segments, cache):
         window = self.config.sliding_window
+        if segments.ndim == 3:  # an explicit [batch, q, kv] mask
+            if cache is not None:
+                raise ValueError("an explicit [batch, seq, seq] attention mask takes no cache")
+            mask = segments != 0
+            if window is not None:
+                mask &= positions[:, :, None] - positions[:, None, :] < window
+            return mask, None
         if cache is None:
             return attention_mask(positions, segments, positions, segments, window), None
         new_lengths = cache.lengths + jnp.sum(segments != 0, axis=1, dtype=jnp.int32)

@@ -63,3 +63,14 @@ def test_indivisible_heads_named(model_dir):
     with pytest.raises(ConfigError, match=r"k_proj.kernel of shape .* not divisible by mesh axis "
                                           r"'tensor' of size 8"):
         LLM(model, tokenizer, mesh="tensor=8")
+
+
+def test_sharded_scoring_equals_unsharded(model_dir):
+    requests = [("The quick brown", " fox"), ("The quick brown", " dog jumps"), ("Hello", ", world")]
+    texts = ["def main():\n    return 42\n" * 3, "Hello, world!"]
+    plain = LLM.load(model_dir)
+    sharded = LLM.load(model_dir, mesh="data=2,fsdp=2,tensor=2")
+    for a, b in zip(plain.loglikelihood(requests), sharded.loglikelihood(requests)):
+        assert b.token_logprobs == pytest.approx(a.token_logprobs, abs=1e-5)
+        assert a.is_greedy == b.is_greedy
+    assert sharded.embed(texts) == pytest.approx(plain.embed(texts), abs=1e-5)
