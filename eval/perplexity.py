@@ -28,7 +28,7 @@ FORMATS = ("auto", "text", "jsonl", "parquet")
 
 class PerplexityTask(Task):
     def __init__(self, args: str, settings: Settings):
-        from flaxlm.train.sources import DocumentSource, find_files
+        from flaxlm.model.sources import DocumentSource, find_files
 
         options = parse_args("perplexity", args, ("path", "format", "field", "window", "stride"),
                              "path")

@@ -30,7 +30,7 @@ from flaxlm.train.checkpoint import RUN_FILE, Checkpoints, read_run_file, write_
 from flaxlm.train.metrics import flops_per_token, total_peak_flops
 from flaxlm.train.optim import optimizer as make_optimizer
 from flaxlm.train.recipe import RUNTIME_MODEL_KEYS, Recipe
-from flaxlm.train.sources import DocumentSource, default_corpus, find_files
+from flaxlm.model.sources import DocumentSource, default_corpus, find_files
 from flaxlm.train.step import Steps, TrainState, abstract_state, compile_steps, new_state
 
 log = logging.getLogger("flaxlm.train")

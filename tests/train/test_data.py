@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flaxlm.train import data as data_lib
-from flaxlm.train.sources import DataError, DocumentSource, default_corpus, find_files
+from flaxlm.model.sources import DataError, DocumentSource, default_corpus, find_files
 from flaxlm.train.tokenizer_train import train_tokenizer
 
 from tests.hf_models import save_tokenizer

@@ -19,7 +19,7 @@ from flaxlm.train.loop import TrainingDiverged, train
 from flaxlm.train.metrics import read_metrics
 from flaxlm.train.optim import optimizer
 from flaxlm.train.recipe import CheckpointConfig
-from flaxlm.train.sources import DocumentSource, find_files
+from flaxlm.model.sources import DocumentSource, find_files
 from flaxlm.train.step import abstract_state, loss_sum
 
 from tests.train.conftest import tiny_recipe
