@@ -4,6 +4,7 @@ from flaxlm.infer.engine import LoopState, Programs, decode_step, prefill
 from flaxlm.infer.generate import Completion
 from flaxlm.infer.llm import LLM, GenerationResult, majority_vote
 from flaxlm.infer.sampling import SamplingParams
+from flaxlm.infer.scoring import Loglikelihood, RollingLoglikelihood
 
-__all__ = ["LLM", "Completion", "GenerationResult", "LoopState", "Programs", "SamplingParams",
-           "decode_step", "majority_vote", "prefill"]
+__all__ = ["LLM", "Completion", "GenerationResult", "Loglikelihood", "LoopState", "Programs",
+           "RollingLoglikelihood", "SamplingParams", "decode_step", "majority_vote", "prefill"]

@@ -1,10 +1,12 @@
-"""Beam search with Hugging Face transformers' semantics, as one jit-compiled program.
+"""Beam search with Hugging Face transformers' semantics, as two jit-compiled programs.
 
-The program prefills each prompt once, copies its cache to K beams (beams are
-flattened into the batch: row b * K + k) and runs the whole search in one
-`lax.while_loop`, reordering the KV cache by beam with a `tree_map` gather.
-Per-request settings (length penalty, early-stopping mode, min/max new tokens,
-eos ids) are arrays, so only the number of beams and the buckets compile.
+`beam_start` prefills each prompt once and copies its cache to K beams (beams
+are flattened into the batch: row b * K + k); `beam_run` runs the whole search
+in one `lax.while_loop`, reordering the KV cache by beam with a `tree_map`
+gather, up to a step limit given as an array (`beam_steps` calls it one step
+further each time to inspect the search). Per-request settings (length penalty,
+early-stopping mode, min/max new tokens, eos ids) are arrays, so only the number
+of beams and the buckets compile.
 
 The rules are those of transformers' `GenerationMixin._beam_search`:
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -152,10 +155,11 @@ class BeamState:
     hyps: Hypotheses
     improvable: jax.Array   # [batch] bool: HF's is_early_stop_heuristic_unsatisfied
     done: jax.Array         # [batch] bool: the prompt's hypotheses can no longer change
+    prompt_lengths: jax.Array  # [batch * beams] where each row's generated slots start
 
 
-def _init_state(cache: KVCache, logits: jax.Array, active: jax.Array, num_beams: int,
-                max_new: int) -> BeamState:
+def _init_state(cache: KVCache, logits: jax.Array, active: jax.Array, lengths: jax.Array,
+                num_beams: int, max_new: int) -> BeamState:
     batch = active.shape[0]
     shape = (batch, num_beams)
     tokens = jnp.zeros(shape + (max_new,), jnp.int32)
@@ -166,7 +170,8 @@ def _init_state(cache: KVCache, logits: jax.Array, active: jax.Array, num_beams:
                       num_tokens=jnp.zeros(shape, jnp.int32), finished=jnp.zeros(shape, bool))
     return BeamState(cache=cache, logits=logits, step=jnp.zeros((), jnp.int32),
                      running_scores=running, running_tokens=tokens, hyps=hyps,
-                     improvable=jnp.ones((batch,), bool), done=~active)
+                     improvable=jnp.ones((batch,), bool), done=~active,
+                     prompt_lengths=jnp.repeat(lengths, num_beams))
 
 
 # ------------------------------------------------------------------ one search step
@@ -224,13 +229,12 @@ def _still_improvable(state: BeamState, arrays: BeamArrays, best_running: jax.Ar
     return state.improvable & jnp.any(best[:, None] > worst, axis=1)
 
 
-def search_step(state: BeamState, arrays: BeamArrays, eos_mask: jax.Array,
-                prompt_lengths: jax.Array) -> BeamState:
+def search_step(state: BeamState, arrays: BeamArrays, eos_mask: jax.Array) -> BeamState:
     """Choose the next running beams from `state.logits` and update the finished set.
 
-    eos_mask [batch, vocab] bool marks each prompt's eos ids; prompt_lengths
-    [batch * beams] are the rows' prompt lengths. The cache is reordered to the new
-    beams; the caller feeds `state.running_tokens[:, :, step - 1]` to the model next.
+    eos_mask [batch, vocab] bool marks each prompt's eos ids. The cache is reordered
+    to the new beams; the caller feeds `state.running_tokens[:, :, step - 1]` to the
+    model next.
     """
     batch, num_beams = state.running_scores.shape
     logprobs = jax.nn.log_softmax(state.logits.astype(jnp.float32), axis=-1)
@@ -249,7 +253,8 @@ def search_step(state: BeamState, arrays: BeamArrays, eos_mask: jax.Array,
     beam, token = _split(index, logprobs.shape[-1])
     rows = (jnp.arange(batch)[:, None] * num_beams + beam).reshape(-1)  # [batch * beams]
     state = state.replace(
-        cache=gather_cache(state.cache, rows, prompt_lengths, state.running_tokens.shape[2]),
+        cache=gather_cache(state.cache, rows, state.prompt_lengths,
+                           state.running_tokens.shape[2]),
         step=state.step + 1, running_scores=running,
         running_tokens=_extend(state.running_tokens, beam, token, state.step), hyps=hyps)
     # running.max(1) is running[:, 0]; slicing a top_k output makes XLA:CPU sort all K * V.
@@ -259,40 +264,48 @@ def search_step(state: BeamState, arrays: BeamArrays, eos_mask: jax.Array,
                          done=state.done | ~improvable | full | at_limit)
 
 
-# ------------------------------------------------------------------ the program
+# ------------------------------------------------------------------ the programs
 
-def beam_search(model: Decoder, tokens: jax.Array, lengths: jax.Array, active: jax.Array,
-                arrays: BeamArrays, *, num_beams: int, cache_len: int, max_new: int
-                ) -> tuple[Hypotheses, jax.Array]:
-    """tokens [batch, seq] right-padded, lengths [batch], active [batch] bool ->
-    (the finished hypotheses [batch, beams, ...] best first, the number of steps run)."""
-    batch, vocab = tokens.shape[0], model.config.vocab_size
+def beam_start(model: Decoder, tokens: jax.Array, lengths: jax.Array, active: jax.Array, *,
+               num_beams: int, cache_len: int, max_new: int) -> BeamState:
+    """tokens [batch, seq] right-padded, lengths [batch], active [batch] bool -> the search
+    state before its first step: each prompt prefilled once, its cache copied to K beams."""
+    batch = tokens.shape[0]
     cache, logits = prefill(model, tokens, lengths,
                             KVCache.init(model.config, batch, cache_len).constrained())
-    state = _init_state(repeat_beams(cache, num_beams), repeat_beams(logits, num_beams), active,
-                        num_beams, max_new)
+    return _init_state(repeat_beams(cache, num_beams), repeat_beams(logits, num_beams), active,
+                       lengths, num_beams, max_new)
+
+
+def beam_run(model: Decoder, state: BeamState, arrays: BeamArrays, limit: jax.Array
+             ) -> BeamState:
+    """Search steps inside one while_loop until every prompt is done or `limit` tokens
+    were generated. The finished hypotheses are `state.hyps` [batch, beams, ...], best first."""
+    batch, vocab = arrays.eos_ids.shape[0], model.config.vocab_size
+    limit = jnp.minimum(limit, state.running_tokens.shape[2])
     ids = jnp.where(arrays.eos_ids >= 0, arrays.eos_ids, vocab)  # [batch, E]; -1: dropped
-    prompt_lengths = jnp.repeat(lengths, num_beams)  # generated slots start here
     eos_mask = jnp.zeros((batch, vocab), bool).at[jnp.arange(batch)[:, None], ids].set(
         True, mode="drop")  # [batch, vocab]
 
     def cond(state: BeamState):
-        return (state.step < max_new) & ~jnp.all(state.done)
+        return (state.step < limit) & ~jnp.all(state.done)
 
     def body(state: BeamState):
-        state = search_step(state, arrays, eos_mask, prompt_lengths)
+        state = search_step(state, arrays, eos_mask)
         next_tokens = flatten_beam_dim(state.running_tokens[:, :, state.step - 1])
         cache, logits = decode_step(model, state.cache, next_tokens)
         return state.replace(cache=cache, logits=logits)
 
-    state = jax.lax.while_loop(cond, body, state)
-    return state.hyps, state.step
+    return jax.lax.while_loop(cond, body, state)
 
 
-def beam_program(programs: Programs):
-    """The compiled beam search of `programs`' model, counted with its other programs."""
-    return programs.program("beam_search", beam_search,
-                            static_argnames=("num_beams", "cache_len", "max_new"))
+def beam_programs(programs: Programs):
+    """The compiled `beam_start` and `beam_run` of `programs`' model, counted with its other
+    programs; the state passed to `beam_run` is donated (its cache is updated in place)."""
+    start = programs.program("beam_start", beam_start,
+                             static_argnames=("num_beams", "cache_len", "max_new"))
+    run = programs.program("beam_run", beam_run, donate_argnums=(1,))
+    return start, run
 
 
 # ------------------------------------------------------------------ host side
@@ -315,26 +328,52 @@ def _inputs(rows: list[Row]) -> _Inputs:
     return _Inputs(tokens=tokens, lengths=lengths, active=np.arange(batch) < len(rows))
 
 
+def _start(programs: Programs, rows: list[Row]) -> tuple[BeamState, BeamArrays, int]:
+    """The search state of `rows` (one row per prompt) before its first step, its settings
+    as arrays, and the new-token bucket."""
+    x = _inputs(rows)
+    params = rows[0].params
+    if any(r.params.num_beams != params.num_beams for r in rows):
+        raise ConfigError("one beam-search batch needs one num_beams")
+    max_new = bucket(max(r.params.max_new_tokens for r in rows), MIN_NEW_BUCKET)
+    start, _ = beam_programs(programs)
+    state = start(programs.state, x.tokens, x.lengths, x.active, num_beams=params.num_beams,
+                  cache_len=x.tokens.shape[1] + max_new, max_new=max_new)
+    return state, BeamArrays.build(rows, len(x.lengths)), max_new
+
+
 def run_beam_batch(programs: Programs, tokenizer: Tokenizer, rows: list[Row]
                    ) -> tuple[list[list[Completion]], BatchTiming]:
     """Beam search for each row's prompt (one row per prompt); the R best hypotheses of each.
 
     Nothing is final before the search ends, so the batch's first-token time is its total.
     """
-    x = _inputs(rows)
-    params = rows[0].params
-    if any(r.params.num_beams != params.num_beams for r in rows):
-        raise ConfigError("one beam-search batch needs one num_beams")
-    max_new = bucket(max(r.params.max_new_tokens for r in rows), MIN_NEW_BUCKET)
     t0 = time.perf_counter()
-    hyps, steps = beam_program(programs)(
-        programs.state, x.tokens, x.lengths, x.active, BeamArrays.build(rows, len(x.lengths)),
-        num_beams=params.num_beams, cache_len=x.tokens.shape[1] + max_new, max_new=max_new)
-    hyps, steps = jax.device_get((hyps, steps))
+    state, arrays, max_new = _start(programs, rows)
+    state = beam_programs(programs)[1](programs.state, state, arrays,
+                                       jnp.asarray(max_new, jnp.int32))
+    hyps, steps = jax.device_get((state.hyps, state.step))
     total = time.perf_counter() - t0
     outputs = [[_completion(tokenizer, hyps, b, k, row)
                 for k in range(row.params.num_return_sequences)] for b, row in enumerate(rows)]
     return outputs, BatchTiming(ttft_s=total, total_s=total, max_new_tokens=int(steps))
+
+
+def beam_steps(programs: Programs, rows: list[Row]) -> Iterator[BeamState]:
+    """The search of `run_beam_batch` one step at a time, to inspect its decisions.
+
+    The same compiled programs run: `beam_run` with a limit one step further each
+    time, so every step computes what it computes inside one call. Yields a host copy
+    of the state (without cache and logits) after each step, until every prompt is done.
+    """
+    state, arrays, max_new = _start(programs, rows)
+    run = beam_programs(programs)[1]
+    for limit in range(1, max_new + 1):
+        state = run(programs.state, state, arrays, jnp.asarray(limit, jnp.int32))
+        host = jax.device_get(state.replace(cache=None, logits=None))
+        yield host
+        if host.done.all():
+            return
 
 
 def _completion(tokenizer: Tokenizer, hyps: Hypotheses, b: int, k: int, row: Row) -> Completion:

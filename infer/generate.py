@@ -159,8 +159,12 @@ def _completion(host: LoopState, i: int, row: Row, stream: TextStream) -> Comple
 
 @dataclasses.dataclass(frozen=True)
 class StreamEnd:
-    num_tokens: int
+    token_ids: list[int]  # the tokens generated, up to the one that completed a stop string
     finish_reason: str
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
 
 
 def stream_row(programs: Programs, tokenizer: Tokenizer, row: Row
@@ -189,4 +193,4 @@ def stream_row(programs: Programs, tokenizer: Tokenizer, row: Row
     tail = stream.finish("stop" if bool(jax.device_get(loop.stopped[0])) else "length")
     if tail:
         yield tail, None
-    yield "", StreamEnd(num_tokens=stream.num_tokens, finish_reason=stream.finish_reason)
+    yield "", StreamEnd(token_ids=stream.token_ids, finish_reason=stream.finish_reason)

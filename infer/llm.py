@@ -6,14 +6,18 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import numpy as np
 from jax.sharding import Mesh
 
 from flaxlm.infer.beam import run_beam_batch
+from flaxlm.infer.embedding import POOLINGS, embed_ids
 from flaxlm.infer.engine import Programs
-from flaxlm.infer.generate import Completion, Row, StreamEnd, run_batch, stream_row
+from flaxlm.infer.generate import TOP_LOGPROBS, Completion, Row, StreamEnd, run_batch, stream_row
 from flaxlm.infer.sampling import SamplingParams
+from flaxlm.infer.scoring import (Item, Loglikelihood, RollingLoglikelihood, encode_pair,
+                                  harness_encode, prefix_token_id, rolling_items, score_items)
 from flaxlm.model.decoder import Decoder
 from flaxlm.model.errors import ConfigError
 from flaxlm.model.loading import load
@@ -24,6 +28,8 @@ log = logging.getLogger("flaxlm.infer")
 
 Prompt = str | Sequence[int]
 Messages = Sequence[Mapping[str, Any]]
+Request = tuple[str, str] | tuple[Sequence[int], Sequence[int]]
+Progress = Callable[[int], None] | None  # called with how many requests a step finished
 
 
 @dataclasses.dataclass
@@ -34,6 +40,9 @@ class GenerationResult:
     outputs: list[Completion]
     ttft_s: float                   # time to first token (prefill of the prompt's batch)
     time_per_output_token_s: float  # decode time per token after the first
+    # With SamplingParams(prompt_logprobs=k): per prompt token, None for the first, then
+    # {token id: logprob} of the prompt token and its k best alternatives (as vLLM).
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @property
     def text(self) -> str:
@@ -134,8 +143,33 @@ class LLM:
 
     def _generate(self, prompt_ids: list[list[int]], params: SamplingParams
                   ) -> list[GenerationResult]:
-        if params.num_beams > 1:
-            return self._generate_beams(prompt_ids, params)
+        results = (self._generate_beams(prompt_ids, params) if params.num_beams > 1
+                   else self._generate_samples(prompt_ids, params))
+        if params.prompt_logprobs is not None:
+            for result, logprobs in zip(results, self._prompt_logprobs(prompt_ids, params)):
+                result.prompt_logprobs = logprobs
+        return results
+
+    def _prompt_logprobs(self, prompt_ids: list[list[int]], params: SamplingParams
+                         ) -> list[list[dict[int, float] | None]]:
+        """Every prompt token's logprob given the tokens before it, with the k best others."""
+        k = params.prompt_logprobs
+        items = [(tuple(ids[:1]), tuple(ids[1:])) for ids in prompt_ids if len(ids) > 1]
+        scores = iter(score_items(self.programs, items, max_rows=self.max_batch,
+                                  top_n=TOP_LOGPROBS if k else 0)) if items else iter(())
+        out = []
+        for ids in prompt_ids:
+            row: list[dict[int, float] | None] = [None]
+            if len(ids) > 1:
+                s = next(scores)
+                for j, token in enumerate(ids[1:]):
+                    top = dict(list(s.top[j].items())[:k]) if k else {}
+                    row.append({**top, token: s.logprobs[j]})
+            out.append(row)
+        return out
+
+    def _generate_samples(self, prompt_ids: list[list[int]], params: SamplingParams
+                          ) -> list[GenerationResult]:
         rows = self._rows(prompt_ids, params)
         completions: list[Completion] = []
         timings = []
@@ -201,14 +235,147 @@ class LLM:
         return ids
 
 
+    # ------------------------------------------------------------------ scoring
+
+    def loglikelihood(self, requests: Sequence[Request], *, progress: Progress = None
+                      ) -> list[Loglikelihood]:
+        """Score each `(context, continuation)` request (two strings, or two token-id lists):
+        the summed log-probability of the continuation given the context, whether it
+        is the greedy continuation, its token count and per-token logprobs.
+
+        Strings are tokenized as lm-evaluation-harness does for causal models:
+        trailing whitespace of the context moves to the start of the continuation;
+        the context and context + continuation are encoded (with the tokenizer's
+        own special tokens, unless the text starts with the prefix token) and the
+        continuation is the tail of the whole past the context's length; an empty
+        context is the prefix token (BOS, else EOS). When context + continuation
+        exceed the model's window by more than the one unneeded last token, the
+        context is cut from the left.
+
+        Requests are packed into power-of-two buckets (see flaxlm.infer.scoring):
+        requests with the same context share its forward pass, and the result of
+        a request does not depend on what else is in the call.
+        """
+        items = [self._score_item(request, i) for i, request in enumerate(requests)]
+        if not items:
+            raise ConfigError("no requests given")
+        scores = score_items(self.programs, items, max_rows=self.max_batch, progress=progress)
+        return [Loglikelihood(logprob=float(np.sum(s.logprobs, dtype=np.float64)),
+                              is_greedy=all(s.greedy), num_tokens=len(s.logprobs),
+                              token_logprobs=s.logprobs) for s in scores]
+
+    def loglikelihood_rolling(self, texts: Sequence[Prompt], window: int | None = None,
+                              stride: int | None = None, *, progress: Progress = None
+                              ) -> list[RollingLoglikelihood]:
+        """The total log-probability and token count of each text (a string or token ids).
+
+        Every token is scored once, the first given the prefix token (BOS, else EOS),
+        strings encoded as lm-evaluation-harness's HFLM does. Windows of at most
+        `window` input tokens (default: the model's context) each score `stride`
+        tokens (default: `window`, which are lm-evaluation-harness's disjoint
+        windows) with as much left context as the window allows: the strided
+        perplexity method, exact for texts longer than the context.
+        """
+        context = self.config.max_seq_len
+        window = context if window is None else _check_setting("window", window, 1, context)
+        stride = window if stride is None else _check_setting("stride", stride, 1, window)
+        prefix = prefix_token_id(self.tokenizer)
+        if prefix is None:
+            raise ConfigError("the tokenizer has neither a BOS nor an EOS token to condition "
+                              "a text's first token on")
+        windows = [rolling_items(self._text_ids(t, i), prefix, window, stride)
+                   for i, t in enumerate(_as_list(texts))]
+        flat = [item for items in windows for item in items]
+        scores = iter(score_items(self.programs, flat, max_rows=self.max_batch, progress=progress))
+        out = []
+        for items in windows:
+            parts = [next(scores) for _ in items]
+            out.append(RollingLoglikelihood(
+                logprob=float(sum(np.sum(p.logprobs, dtype=np.float64) for p in parts)),
+                num_tokens=sum(len(p.logprobs) for p in parts)))
+        return out
+
+    def embed(self, texts: Sequence[Prompt], pooling: str = "mean", normalize: bool = True, *,
+              truncate: bool = False) -> np.ndarray:
+        """float32 [n, hidden] sentence embeddings from the final (normed) hidden states:
+        the mean over real tokens ("mean") or the last token ("last"), L2-normalized
+        unless normalize=False. Padding changes nothing."""
+        if pooling not in POOLINGS:
+            raise ConfigError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        limit = self.config.max_seq_len
+        ids = []
+        for i, text in enumerate(_as_list(texts)):
+            row = self._text_ids(text, i, add_special_tokens=True)
+            if len(row) > limit and not truncate:
+                raise ConfigError(f"text {i} has {len(row)} tokens, more than the model's context "
+                                  f"of {limit} (pass truncate=True to keep the first ones)")
+            ids.append(row[:limit])
+        return embed_ids(self.programs, ids, pooling=pooling, normalize=normalize,
+                         max_rows=self.max_batch)
+
+    def _text_ids(self, text: Prompt, index: int, add_special_tokens: bool | None = None
+                  ) -> list[int]:
+        if isinstance(text, str):
+            ids = (harness_encode(self.tokenizer, text) if add_special_tokens is None
+                   else self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        else:
+            ids = [int(t) for t in text]
+        if not ids:
+            raise ConfigError(f"text {index} is empty")
+        self._check_ids(ids, f"text {index}")
+        return ids
+
+    def _check_ids(self, ids: Sequence[int], what: str) -> None:
+        vocab = self.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ConfigError(f"{what} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+
+    def _score_item(self, request: Request, index: int) -> Item:
+        """(context, continuation) ids of one request, the context cut to the window."""
+        if isinstance(request, (str, bytes)) or not isinstance(request, Sequence) \
+                or len(request) != 2:
+            raise ConfigError(f"request {index} must be a (context, continuation) pair, "
+                              f"got {request!r:.80}")
+        context, continuation = request
+        if isinstance(context, str) and isinstance(continuation, str):
+            if not continuation:
+                raise ConfigError(f"request {index}: the continuation is empty")
+            context, continuation = encode_pair(self.tokenizer, context, continuation)
+        elif isinstance(context, str) or isinstance(continuation, str):
+            raise ConfigError(f"request {index}: context and continuation must both be strings "
+                              "or both token-id lists")
+        context, continuation = [int(t) for t in context], [int(t) for t in continuation]
+        if not context or not continuation:
+            part = "context" if not context else "continuation"
+            raise ConfigError(f"request {index}: the {part} has no tokens")
+        self._check_ids(context + continuation, f"request {index}")
+        window = self.config.max_seq_len
+        if len(continuation) > window:
+            raise ConfigError(f"request {index}: the continuation has {len(continuation)} tokens, "
+                              f"more than the model's context of {window}")
+        whole = context + continuation
+        if len(whole) - 1 > window:
+            context = whole[-(window + 1):-len(continuation)]
+        return tuple(context), tuple(continuation)
+
+
+def _check_setting(name: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{name} must be an int in [{low}, {high}], got {value!r}")
+    return value
+
+
 class TextStreamer:
-    """Iterates over text pieces; when exhausted, `num_tokens`, `finish_reason`,
-    `ttft_s` (first token, compilation included) and `decode_tokens_per_s` are set."""
+    """Iterates over text pieces; when exhausted, `token_ids` (the generated tokens, as
+    `generate` returns them), `num_tokens`, `finish_reason`, `ttft_s` (first token,
+    compilation included) and `decode_tokens_per_s` are set."""
 
     def __init__(self, pieces: Iterator[tuple[str, StreamEnd | None]]):
         self._pieces = pieces
         self._start = time.perf_counter()
         self._first: float | None = None
+        self.token_ids: list[int] = []
         self.num_tokens = 0
         self.finish_reason: str | None = None
         self.ttft_s: float | None = None
@@ -230,6 +397,7 @@ class TextStreamer:
 
     def _finish(self, final: StreamEnd) -> None:
         end = time.perf_counter()
+        self.token_ids = list(final.token_ids)
         self.num_tokens = final.num_tokens
         self.finish_reason = final.finish_reason
         if self._first is not None and self.num_tokens > 1:

@@ -158,6 +158,7 @@ class SamplingParams:
     seed: int | None = None
     n: int = 1
     logprobs: int | None = None  # None: none; 0: chosen token only; k: plus top-k
+    prompt_logprobs: int | None = None  # None: none; k >= 0: each prompt token's, plus top-k
     num_beams: int = 1  # > 1: beam search (HF semantics), deterministic
     length_penalty: float = 1.0  # beam score: sum_logprobs / generated_len ** length_penalty
     early_stopping: bool | str = False  # beam search: True, False or "never", as in HF
@@ -181,6 +182,9 @@ class SamplingParams:
         set_("n", _check_int("n", self.n, low=1))
         if self.logprobs is not None:
             set_("logprobs", _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS))
+        if self.prompt_logprobs is not None:
+            set_("prompt_logprobs", _check_int("prompt_logprobs", self.prompt_logprobs, 0,
+                                               MAX_LOGPROBS))
         _check_beam_settings(self, set_)
 
     @property

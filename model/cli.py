@@ -24,8 +24,15 @@ class Command:
     run: Callable[[argparse.Namespace], int | None]
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line on stderr and exit status 2, like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flaxlm", description="JAX/Flax language models.")
+    parser = _Parser(prog="flaxlm", description="JAX/Flax language models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for ep in sorted(entry_points(group="flaxlm.commands"), key=lambda e: e.name):
         command: Command = ep.load()

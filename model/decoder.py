@@ -115,7 +115,10 @@ class Decoder(nnx.Module):
                      non-padding tokens (so left padding does not shift them),
                      continuing from `cache.lengths` when a cache is given.
       attention_mask [batch, seq]: 0 marks padding; equal positive values mark
-                     one document (segment ids of packed sequences).
+                     one document (segment ids of packed sequences). Or an
+                     explicit boolean mask [batch, seq, seq] (query, key) with
+                     `positions` given, for masks segment ids cannot express
+                     (several continuations sharing one context in a row).
       cache          a `KVCache`; the new tokens' keys/values are written at
                      slots `cache.lengths` of each row (prompts right-padded).
     Returns logits [batch, seq, vocab] in float32, and the updated cache when
@@ -168,6 +171,8 @@ class Decoder(nnx.Module):
                     else attention_mask.astype(jnp.int32))
         start = cache.lengths if cache is not None else jnp.zeros(tokens.shape[0], jnp.int32)
         if positions is None:
+            if segments.ndim == 3:
+                raise ValueError("an explicit [batch, seq, seq] attention mask needs positions")
             positions = start[:, None] + jnp.maximum(jnp.cumsum(segments != 0, axis=1) - 1, 0)
         schedule = layer_schedule(cfg)
         masks, new_lengths = self._masks(positions, segments, cache, {w for w, _ in schedule})
@@ -210,6 +215,12 @@ class Decoder(nnx.Module):
 
     def _masks(self, positions, segments, cache, windows):
         """One mask [batch, seq, kv slots] per distinct window, and the new cache lengths."""
+        if segments.ndim == 3:  # an explicit [batch, q, kv] mask
+            if cache is not None:
+                raise ValueError("an explicit [batch, seq, seq] attention mask takes no cache")
+            base = segments != 0
+            distance = positions[:, :, None] - positions[:, None, :]
+            return {w: base if w is None else base & (distance < w) for w in windows}, None
         if cache is None:
             return {w: attention_mask(positions, segments, positions, segments, w)
                     for w in windows}, None

@@ -45,12 +45,12 @@ class _Source:
     def has(self, name: str) -> bool:
         return self.prefix + name in self.tensors
 
-
-def _reshape(x: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
-    if x.size != int(np.prod(shape)):
-        raise CheckpointError(f"tensor {name} has shape {x.shape}, which does not fit "
-                              f"the config's {shape}")
-    return x.reshape(shape)
+    def reshape(self, x: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
+        """Tensor `name` (after any transpose) as `shape`; an error names the checkpoint."""
+        if x.size != int(np.prod(shape)):
+            raise CheckpointError(f"{self.source}: tensor {self.prefix + name!r} has shape "
+                                  f"{x.shape}, which does not fit the config's {shape}")
+        return x.reshape(shape)
 
 
 def _norm_names(cfg: ModelConfig) -> dict[str, str]:
@@ -107,12 +107,13 @@ def _attention_from_hf(cfg: ModelConfig, get: _Source, hf: str, ours: str) -> di
     else:
         weights = {p: get(f"{hf}self_attn.{p}.weight") for p in ("q_proj", "k_proj", "v_proj")}
     for proj, heads in (("q_proj", n), ("k_proj", k), ("v_proj", k)):
-        out[f"{ours}attn.{proj}.kernel"] = _reshape(weights[proj].T, (d, heads, h), hf + proj)
+        out[f"{ours}attn.{proj}.kernel"] = get.reshape(weights[proj].T, (d, heads, h),
+                                                        f"{hf}self_attn.{proj}.weight")
         if cfg.qkv_bias:
             b = get(f"{hf}self_attn.{proj}.bias")
-            out[f"{ours}attn.{proj}.bias"] = _reshape(b, (heads, h), hf + proj)
+            out[f"{ours}attn.{proj}.bias"] = get.reshape(b, (heads, h), f"{hf}self_attn.{proj}.bias")
     w = get(hf + "self_attn.o_proj.weight")  # [d, n * h]
-    out[ours + "attn.o_proj.kernel"] = _reshape(w.T, (n, h, d), hf + "o_proj")
+    out[ours + "attn.o_proj.kernel"] = get.reshape(w.T, (n, h, d), hf + "self_attn.o_proj.weight")
     if cfg.out_bias:
         out[ours + "attn.o_proj.bias"] = get(hf + "self_attn.o_proj.bias")
     if cfg.qk_norm:
@@ -168,10 +169,11 @@ def _gpt2_from_hf(cfg: ModelConfig, get: _Source) -> dict[str, np.ndarray]:
         b = get(hf + "attn.c_attn.bias")
         for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
             cols = slice(j * n * h, (j + 1) * n * h)
-            out[f"{ours}attn.{proj}.kernel"] = _reshape(w[:, cols], (d, n, h), hf + "c_attn")
-            out[f"{ours}attn.{proj}.bias"] = _reshape(b[cols], (n, h), hf + "c_attn")
-        out[ours + "attn.o_proj.kernel"] = _reshape(get(hf + "attn.c_proj.weight"), (n, h, d),
-                                                    hf + "attn.c_proj")
+            out[f"{ours}attn.{proj}.kernel"] = get.reshape(w[:, cols], (d, n, h),
+                                                           hf + "attn.c_attn.weight")
+            out[f"{ours}attn.{proj}.bias"] = get.reshape(b[cols], (n, h), hf + "attn.c_attn.bias")
+        out[ours + "attn.o_proj.kernel"] = get.reshape(get(hf + "attn.c_proj.weight"), (n, h, d),
+                                                       hf + "attn.c_proj.weight")
         out[ours + "attn.o_proj.bias"] = get(hf + "attn.c_proj.bias")
         out[ours + "mlp.up_proj.kernel"] = get(hf + "mlp.c_fc.weight")
         out[ours + "mlp.up_proj.bias"] = get(hf + "mlp.c_fc.bias")

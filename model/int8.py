@@ -18,6 +18,8 @@ convert XLA:GPU fuses into the dot.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,9 +70,18 @@ def q8_0_to_int8(data: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
     """x [..., K] float, q int8 [N, K], scale [N, G] -> x @ w.T [..., N] float32."""
+    return _int8_matmul(x, q, scale, CPU_BLOCK_BYTES)
+
+
+# Jitted, so that a model called eagerly compiles each weight shape's matmul once instead of
+# tracing the per-platform choice and the block loop again at every call (inside a jitted
+# program it is inlined). The block size is an argument, read when called.
+@functools.partial(jax.jit, static_argnums=3)
+def _int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, block_bytes: int) -> jax.Array:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    y = jax.lax.platform_dependent(x2, q, scale, cpu=_blocked_matmul, default=_fused_matmul)
+    blocked = functools.partial(_blocked_matmul, block_bytes=block_bytes)
+    y = jax.lax.platform_dependent(x2, q, scale, cpu=blocked, default=_fused_matmul)
     return y.reshape(*lead, q.shape[0])
 
 
@@ -104,9 +115,9 @@ def _cpu_block_product(x, q, scale):
     return _block_product(x, q, scale)
 
 
-def _blocked_matmul(x, q, scale):
+def _blocked_matmul(x, q, scale, block_bytes):
     n, k = q.shape
-    rows = block_rows(n, k)
+    rows = block_rows(n, k, block_bytes)
     if rows == n:
         return _cpu_block_product(x, q, scale)
     full = n // rows * rows

@@ -1,5 +1,6 @@
 """flaxlm.train: what changes weights — data pipeline, optimizer, steps, checkpoints, the loop."""
 
+from flaxlm.model.sources import DataError, DocumentSource, default_corpus
 from flaxlm.train.checkpoint import Checkpoints, export_hf, restore_model
 from flaxlm.train.data import Batch, Encoder, eval_batches, split_documents, train_dataset
 from flaxlm.train.loop import RunResult, TrainingDiverged, train
@@ -7,7 +8,6 @@ from flaxlm.train.metrics import flops_per_token, peak_flops
 from flaxlm.train.optim import optimizer, schedule
 from flaxlm.train.plot import plot_run
 from flaxlm.train.recipe import Recipe
-from flaxlm.train.sources import DataError, DocumentSource, default_corpus
 from flaxlm.train.step import LossSum, StepMetrics, TrainState, compile_steps, loss_sum, token_losses
 from flaxlm.train.tokenizer_train import train_tokenizer
 

@@ -102,7 +102,7 @@ def _tokenizer_arguments(p: argparse.ArgumentParser) -> None:
 
 def _tokenizer(args: argparse.Namespace) -> None:
     from flaxlm.train.data import first_documents
-    from flaxlm.train.sources import DocumentSource, find_files
+    from flaxlm.model.sources import DocumentSource, find_files
     from flaxlm.train.tokenizer_train import train_tokenizer
 
     source = DocumentSource(find_files(tuple(args.data)), args.format, args.text_field)

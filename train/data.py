@@ -22,7 +22,7 @@ import numpy as np
 from flax import struct
 
 from flaxlm.model.tokenizer import Tokenizer
-from flaxlm.train.sources import DataError, DocumentSource
+from flaxlm.model.sources import DataError, DocumentSource
 
 
 @struct.dataclass

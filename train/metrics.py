@@ -15,6 +15,8 @@ not counted (that would be hardware FLOPs utilization).
 Peak: `log.peak_tflops` of the recipe when set, else `peak_flops()`: dense
 bfloat16 peaks of known accelerators, and for a CPU the stated assumption
 cores x 2.5 GHz x 32 float32 FLOP/cycle (two 256-bit FMA units per core).
+The CPU devices of one process share its cores (XLA can split a CPU into several
+devices), so a CPU counts once per process: `total_peak_flops`.
 """
 
 from __future__ import annotations
@@ -50,6 +52,15 @@ def peak_flops(device: jax.Device, override_tflops: float = 0.0) -> float:
         if name.lower() in device.device_kind.lower():
             return peak
     return math.nan  # unknown accelerator: set log.peak_tflops
+
+
+def total_peak_flops(override_tflops: float = 0.0) -> float:
+    """Peak FLOP/s of all devices together (the MFU denominator): the per-device peak times
+    the devices, or for CPUs (without an override) the cores' peak once per process."""
+    device = jax.devices()[0]
+    if device.platform == "cpu" and override_tflops <= 0:
+        return peak_flops(device) * jax.process_count()
+    return peak_flops(device, override_tflops) * jax.device_count()
 
 
 def matmul_params(config: ModelConfig, num_params: int) -> int:
@@ -134,8 +145,9 @@ class Progress:
     def update(self, steps: int, loss: float | None = None, tokens_per_s: float | None = None):
         if self._bar is None:
             return
-        if loss is not None:
-            self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        if loss is not None:  # tokens/s is unknown while only the compiling step has run
+            rate = {} if tokens_per_s is None else {"tok_s": f"{tokens_per_s:,.0f}"}
+            self._bar.set_postfix(loss=f"{loss:.4f}", **rate, refresh=False)
         self._bar.update(steps)
 
     def write(self, message: str) -> None:

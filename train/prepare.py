@@ -28,10 +28,10 @@ from flaxlm.model.sharding import BATCH_AXES, make_mesh
 from flaxlm.model.tokenizer import Tokenizer
 from flaxlm.train import data as data_lib
 from flaxlm.train.checkpoint import RUN_FILE, Checkpoints, read_run_file, write_run_file
-from flaxlm.train.metrics import flops_per_token, peak_flops
+from flaxlm.train.metrics import flops_per_token, total_peak_flops
 from flaxlm.train.optim import optimizer as make_optimizer
 from flaxlm.train.recipe import RUNTIME_MODEL_KEYS, Recipe
-from flaxlm.train.sources import DocumentSource, default_corpus, find_files
+from flaxlm.model.sources import DocumentSource, default_corpus, find_files
 from flaxlm.train.step import Steps, TrainState, abstract_state, compile_steps, new_state
 
 log = logging.getLogger("flaxlm.train")
@@ -101,7 +101,7 @@ def prepare(recipe: Recipe, run_dir: str | Path, init: str | None = None) -> Run
                eval_batches=_eval_batches(recipe, source, split, tokenizer),
                checkpoints=checkpoints, resumed_from=resume_step,
                flops_per_token=flops_per_token(config, num_params, recipe.data.seq_len),
-               peak_flops=peak_flops(jax.devices()[0], recipe.log.peak_tflops) * jax.device_count())
+               peak_flops=total_peak_flops(recipe.log.peak_tflops))
 
 
 def _writable_dir(run_dir: Path) -> Path:

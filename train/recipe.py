@@ -165,12 +165,18 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "recipe") -> Recipe:
+        """The recipe of `data` (a parsed TOML file); every error names `source`."""
         _check_keys(data, source)
-        sections = {name: _build_section(kind, data.get(name, {}), name, source)
-                    for name, kind in SECTIONS.items()}
-        recipe = cls(model=types.MappingProxyType(dict(data.get("model", {}))), **sections)
-        if set(recipe.model) - set(RUNTIME_MODEL_KEYS):
-            recipe.model_config()  # validate the model table now
+        try:
+            sections = {name: _build_section(kind, data.get(name, {}), name, source)
+                        for name, kind in SECTIONS.items()}
+            recipe = cls(model=types.MappingProxyType(dict(data.get("model", {}))), **sections)
+            if set(recipe.model) - set(RUNTIME_MODEL_KEYS):
+                recipe.model_config()  # validate the model table now
+        except ConfigError as e:
+            if str(e).startswith(f"{source}: "):
+                raise
+            raise ConfigError(f"{source}: {e}") from e
         return recipe
 
     @classmethod

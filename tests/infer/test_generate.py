@@ -3,31 +3,33 @@
 import numpy as np
 import pytest
 
-from flaxlm.infer.llm import LLM
+from flaxlm.infer.generate import Completion
+from flaxlm.infer.llm import LLM, GenerationResult, majority_vote
 from flaxlm.infer.sampling import SamplingParams
 from flaxlm.model import ConfigError, FlaxlmError
-from tests.hf_models import make_hf_model, save_tokenizer
-from tests.infer.greedy_reference import compare_greedy, hf_greedy
+from tests.infer.greedy_reference import (TINY_TOL, check_greedy, compare_greedy, hf_greedy,
+                                          teacher_forced_logits)
 
 NEW = 32
 PROMPT_LENGTHS = (5, 13, 30)
 
 
 @pytest.fixture(scope="module", params=["llama-gqa", "gpt2", "mistral-window"])
-def pair(request, tmp_path_factory):
-    hf_model = make_hf_model(request.param, seed=3)
-    directory = tmp_path_factory.mktemp(request.param)
-    hf_model.save_pretrained(directory, safe_serialization=True)
-    save_tokenizer(directory, hf_model.config.vocab_size)
+def pair(request, tiny_hf):
+    hf_model, directory = tiny_hf(request.param, 3)
     return request.param, hf_model, LLM.load(directory)
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("llama")
-    make_hf_model("llama-gqa", seed=5).save_pretrained(directory, safe_serialization=True)
-    save_tokenizer(directory, 320)
-    return LLM.load(directory)
+def llama5(tiny_hf):
+    """(HF model, flaxlm LLM) of one tiny llama."""
+    hf_model, directory = tiny_hf("llama-gqa", 5)
+    return hf_model, LLM.load(directory)
+
+
+@pytest.fixture(scope="module")
+def llm(llama5):
+    return llama5[1]
 
 
 def _prompts(vocab, seed=0):
@@ -43,21 +45,66 @@ def test_greedy_matches_hf_batched(pair):
     prompts = _prompts(llm.config.vocab_size)
     results = llm.generate(prompts, GREEDY)
     for i, (prompt, result) in enumerate(zip(prompts, results)):
-        ref, ref_logits = hf_greedy(hf_model, prompt, NEW, eos=None)
         assert len(result.token_ids) == NEW and result.finish_reason == "length"
-        compare_greedy(result.token_ids, ref, ref_logits, f"{name} prompt {i}")
+        compare_greedy(hf_model, prompt, result.token_ids, tol=TINY_TOL, max_new=NEW,
+                       label=f"{name} prompt {i}")
 
 
 def test_greedy_stops_at_eos_like_hf(pair):
     name, hf_model, llm = pair
     prompt = _prompts(llm.config.vocab_size, seed=1)[1]
-    free, _ = hf_greedy(hf_model, prompt, NEW, eos=None)
+    free = hf_greedy(hf_model, prompt, NEW, eos=None)
     eos = free[7]  # a token greedy decoding really produces: make it the EOS
-    ref, ref_logits = hf_greedy(hf_model, prompt, NEW, eos=eos)
     result = llm.generate([prompt], SamplingParams(temperature=0, max_new_tokens=NEW,
                                                    stop_token_ids=(eos,), ignore_eos=True))[0]
     assert result.finish_reason == "stop" and result.token_ids[-1] == eos
-    compare_greedy(result.token_ids, ref, ref_logits, f"{name} eos")
+    compare_greedy(hf_model, prompt, result.token_ids, tol=TINY_TOL, max_new=NEW, eos=eos,
+                   label=f"{name} eos")
+
+
+def test_a_token_swapped_for_hfs_third_best_fails(llama5):
+    """The greedy check is not vacuous: HF's own greedy tokens with one of them replaced
+    by HF's third choice there fail it, though everything before is HF's."""
+    hf_model, llm = llama5
+    prompt = _prompts(llm.config.vocab_size, seed=4)[0]
+    ref = hf_greedy(hf_model, prompt, NEW, eos=None)
+    logits = teacher_forced_logits(hf_model, prompt, ref)
+    check_greedy(ref, ref, logits, tol=TINY_TOL, max_new=NEW, eos=None, label="HF itself")
+    third = int(np.argsort(logits[5])[-3])
+    wrong = ref[:5] + [third] + ref[6:]
+    with pytest.raises(AssertionError, match="token 5 .* not a tie"):
+        compare_greedy(hf_model, prompt, wrong, tol=TINY_TOL, max_new=NEW, label="3rd best")
+
+
+def _tied_logits(ours, gaps):
+    """Logits [len(ours), 8] where ours[k] is the best token, except at each k in `gaps`
+    where another token is `gaps[k]` above it."""
+    logits = np.zeros((len(ours), 8), np.float32)
+    logits[np.arange(len(ours)), ours] = 5.0
+    for k, gap in gaps.items():
+        logits[k, (ours[k] + 1) % 8] = 5.0 + gap
+    return logits
+
+
+def test_greedy_ties_are_judged_by_the_logit_tolerance():
+    """Flips: allowed within 2 x tol of HF's best (the old fixed 1e-3 allowed 5e-4), and
+    every later position is still checked (the old check stopped at the first flip)."""
+    ours = [1, 2, 3, 4, 5, 6]
+    ref = [1, 2, 4, 0, 0, 0]  # HF's greedy: after its own choice at 2 it went elsewhere
+    tied = _tied_logits(ours, {2: 1.5e-4})
+    assert check_greedy(ours, ref, tied, tol=1e-4, max_new=6, eos=None, label="tie") == [2]
+    with pytest.raises(AssertionError, match="token 2 .* not a tie"):
+        check_greedy(ours, ref, _tied_logits(ours, {2: 5e-4}), tol=1e-4, max_new=6, eos=None,
+                     label="gap 5e-4")
+    assert check_greedy(ours, ref, _tied_logits(ours, {2: 3e-4}), tol=2e-4, max_new=6,
+                        eos=None, label="SmolLM2's tolerance") == [2]
+    with pytest.raises(AssertionError, match="token 4 .* not a tie"):
+        check_greedy(ours, ref, _tied_logits(ours, {2: 1.5e-4, 4: 0.3}), tol=1e-4, max_new=6,
+                     eos=None, label="a later error")
+    with pytest.raises(AssertionError, match="4 tokens, no eos"):
+        check_greedy(ours[:4], ref, tied[:4], tol=1e-4, max_new=6, eos=None, label="short")
+    with pytest.raises(AssertionError, match="tokens after eos"):
+        check_greedy(ours, ref, tied, tol=1e-4, max_new=6, eos=4, label="eos inside")
 
 
 def test_padded_batch_equals_each_prompt_alone(llm):
@@ -70,12 +117,25 @@ def test_padded_batch_equals_each_prompt_alone(llm):
 
 
 def test_while_loop_and_streaming_agree(llm):
+    """The same token ids, finish reason and text, ending at the limit, an eos token or a
+    stop string."""
     prompt = "The quick brown fox"
+    free = llm.generate(prompt, GREEDY)[0]
+    eos = next(t for k, t in enumerate(free.token_ids) if k >= 3 and t not in free.token_ids[:k])
+    reasons = []
     for params in (GREEDY, SamplingParams(temperature=1.0, top_k=50, max_new_tokens=NEW, seed=3,
-                                          ignore_eos=True, repetition_penalty=1.3)):
+                                          ignore_eos=True, repetition_penalty=1.3),
+                   SamplingParams(temperature=0, max_new_tokens=NEW, stop_token_ids=(eos,)),
+                   SamplingParams(temperature=0, max_new_tokens=NEW, ignore_eos=True,
+                                  stop=[free.text[5:9]])):
         looped = llm.generate(prompt, params)[0]
-        streamed = "".join(llm.stream(prompt, params))
-        assert streamed == looped.text
+        stream = llm.stream(prompt, params)
+        streamed = "".join(stream)
+        assert stream.token_ids == looped.token_ids and looped.token_ids
+        assert stream.finish_reason == looped.finish_reason
+        assert stream.num_tokens == len(looped.token_ids) and streamed == looped.text
+        reasons.append(looped.finish_reason)
+    assert reasons == ["length", "length", "stop", "stop"]
 
 
 def test_same_seed_same_text_and_n_samples(llm):
@@ -106,13 +166,22 @@ def test_other_settings_compile_nothing_new(llm):
     assert llm.num_compiled == before
 
 
-def test_logprobs(llm):
+def test_logprobs(llama5):
+    """Each token's logprob and the top 3 are HF's log_softmax along the same tokens (a
+    logprob carries the error of two logits: 2 x the logit tolerance)."""
+    hf_model, llm = llama5
     params = SamplingParams(temperature=0, max_new_tokens=8, logprobs=3, ignore_eos=True)
-    out = llm.generate("The quick", params)[0].outputs[0]
+    result = llm.generate("The quick", params)[0]
+    out = result.outputs[0]
     assert len(out.logprobs) == len(out.token_ids) == len(out.top_logprobs) == 8
-    for token, lp, top in zip(out.token_ids, out.logprobs, out.top_logprobs):
-        assert len(top) == 3 and max(top, key=top.get) == token  # greedy picks the top one
-        assert lp == pytest.approx(top[token], abs=1e-6) and lp <= 0
+    logits = teacher_forced_logits(hf_model, result.prompt_token_ids, out.token_ids)
+    hf = logits - np.log(np.exp(logits.astype(np.float64)).sum(-1, keepdims=True))
+    for k, (token, lp, top) in enumerate(zip(out.token_ids, out.logprobs, out.top_logprobs)):
+        assert lp == pytest.approx(hf[k, token], abs=2 * TINY_TOL)
+        assert len(top) == 3 and top[token] == pytest.approx(lp, abs=1e-6)  # greedy's is there
+        for other, value in top.items():
+            assert value == pytest.approx(hf[k, other], abs=2 * TINY_TOL)
+        np.testing.assert_allclose(sorted(top.values()), np.sort(hf[k])[-3:], atol=2 * TINY_TOL)
 
 
 def test_min_new_tokens_suppresses_eos(llm):
@@ -140,16 +209,29 @@ def test_stop_string_cuts_text(llm):
     assert cut.token_ids == free.token_ids[:len(cut.token_ids)]
 
 
-def test_majority_vote(llm):
-    from flaxlm.infer.llm import majority_vote
+class _Answers:
+    """Stands in for an LLM whose samples are the given texts."""
 
-    answer, share = majority_vote(llm, "Hello", lambda text: len(text) % 2,
-                                  SamplingParams(temperature=1.0, n=6, max_new_tokens=8, seed=4))
-    texts = [o.text for o in llm.generate("Hello", SamplingParams(
-        temperature=1.0, n=6, max_new_tokens=8, seed=4))[0].outputs]
-    votes = [len(t) % 2 for t in texts]
-    assert answer == max(set(votes), key=votes.count)
-    assert share == pytest.approx(votes.count(answer) / 6)
+    def __init__(self, texts):
+        self.texts = texts
+
+    def generate(self, prompt, params):
+        outputs = [Completion(text=t, token_ids=[1], finish_reason="stop", cumulative_logprob=0.0)
+                   for t in self.texts]
+        return [GenerationResult([1], outputs, ttft_s=0.0, time_per_output_token_s=0.0)]
+
+
+def test_majority_vote(llm):
+    number = lambda text: int(text) if text.isdigit() else None  # noqa: E731
+    params = SamplingParams(temperature=1.0, n=6, max_new_tokens=8, seed=4)
+    # 4 wins three of six votes (two texts have no answer; they still count as votes)
+    six = _Answers(["4", "four", "4", "5", "", "4"])
+    assert majority_vote(six, "q", number, params) == (4, 0.5)
+    assert majority_vote(_Answers(["5", "7", "7"]), "q", number, params) == (7, 2 / 3)
+    assert majority_vote(_Answers(["no", "answer"]), "q", number, params) == (None, 0.0)
+    real = SamplingParams(temperature=1.0, n=4, max_new_tokens=16, seed=4)  # shapes of n_samples
+    answer, share = majority_vote(llm, "Hello", lambda text: len(text) % 2, real)
+    assert answer in (0, 1) and share >= 0.5 and (share * 4) == round(share * 4)
 
 
 @pytest.mark.parametrize("prompt, params, message", [
@@ -159,11 +241,8 @@ def test_majority_vote(llm):
     ("hi " * 200, SamplingParams(max_new_tokens=100), "leaves room for"),
     ("hi", SamplingParams(logit_bias={400: 1.0}), "logit_bias"),
 ])
-def test_bad_input_compiles_nothing(tmp_path, prompt, params, message):
-    directory = tmp_path / "m"
-    make_hf_model("gpt2").save_pretrained(directory, safe_serialization=True)
-    save_tokenizer(directory, 320)
-    llm = LLM.load(directory)
+def test_bad_input_compiles_nothing(tiny_hf, prompt, params, message):
+    llm = LLM.load(tiny_hf("gpt2", 3)[1])  # a fresh LLM: nothing compiled yet
     with pytest.raises(ConfigError, match=message):
         llm.generate([prompt] if not isinstance(prompt, str) else prompt, params)
     assert llm.num_compiled == 0
@@ -197,5 +276,6 @@ def test_stream_reports_tokens_and_reason(llm):
     stream = llm.stream("The quick", params)
     text = "".join(stream)
     assert stream.num_tokens == 12 and stream.finish_reason == "length"
-    assert text == llm.generate("The quick", params)[0].text
+    result = llm.generate("The quick", params)[0]
+    assert text == result.text and stream.token_ids == result.token_ids
     assert stream.ttft_s > 0 and stream.decode_tokens_per_s > 0

@@ -125,6 +125,26 @@ def write_tiny(path, qtype=QT.F32, weights=None, kv=TINY_KV, drop=(), extra=None
     return write_gguf(path, tensors, kv, arch)
 
 
+def write_tiny_gguf(path, qtype_of):
+    """The tiny llama of test_gguf_io with a small tokenizer; qtype_of(hf_name) picks each 2-D type."""
+    writer = gguf.GGUFWriter(path, "llama")
+    for key, value in TINY_KV.items():
+        kind = gguf.GGUFValueType.UINT32 if isinstance(value, int) else gguf.GGUFValueType.FLOAT32
+        writer.add_key_value(key, value, kind)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([chr(ord("a") + i) for i in range(26)]
+                          + [f"<t{i}>" for i in range(26, TINY["vocab"] - 1)] + ["ab"])
+    writer.add_token_merges(["a b"])
+    for hf_name, weight in tiny_hf_weights().items():
+        data, stored = store(hf_name, weight, qtype_of(hf_name))
+        writer.add_tensor(gguf_name(hf_name), data, raw_dtype=stored if data.dtype == np.uint8 else None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 # --- the real SmolLM2 GGUF against transformers ---------------------------------------------
 
 
@@ -134,44 +154,35 @@ def smollm2_path():
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_path):
+def smollm2_gguf(smollm2_path):
     return read_gguf(smollm2_path)
 
 
-@pytest.fixture(scope="module")
-def hf_smollm2(smollm2_path):
-    import torch
-    import transformers
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32
-    )
-    return model.config, {k: v.numpy() for k, v in model.state_dict().items()}
-
-
-def test_smollm2_tensors_equal_transformers(smollm2, hf_smollm2):
-    _, hf_tensors = hf_smollm2
-    assert smollm2.hf_config["tie_word_embeddings"] is True
-    assert set(hf_tensors) == set(smollm2.tensors) | {"lm_head.weight"}  # HF lists the tied head too
-    for name, ours in smollm2.tensors.items():
+def test_smollm2_tensors_equal_transformers(smollm2_gguf, smollm2_hf):
+    """Against the session's transformers load of the same file (tests/conftest.py)."""
+    hf_tensors = {k: v.numpy() for k, v in smollm2_hf.state_dict().items()}
+    assert smollm2_gguf.hf_config["tie_word_embeddings"] is True
+    assert set(hf_tensors) == set(smollm2_gguf.tensors) | {"lm_head.weight"}  # HF lists the tied head too
+    for name, ours in smollm2_gguf.tensors.items():
         assert ours.dtype == np.float32 and ours.shape == hf_tensors[name].shape, name
         np.testing.assert_array_equal(ours, hf_tensors[name], err_msg=name)
 
 
-def test_smollm2_config_equals_transformers(smollm2, hf_smollm2):
+def test_smollm2_config_equals_transformers(smollm2_gguf, smollm2_hf):
     import transformers
-    hf_config, _ = hf_smollm2
-    ours = transformers.LlamaConfig(**smollm2.hf_config)  # our dict is a valid LlamaConfig
+    hf_config = smollm2_hf.config
+    ours = transformers.LlamaConfig(**smollm2_gguf.hf_config)  # our dict is a valid LlamaConfig
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "max_position_embeddings", "tie_word_embeddings",
                 "bos_token_id", "eos_token_id", "pad_token_id", "rope_parameters", "hidden_act"):
         assert getattr(ours, key) == getattr(hf_config, key), key
     # transformers keeps the float32 value; we keep the decimal that was written (SmolLM2's config.json: 1e-05).
     assert ours.rms_norm_eps == 1e-5 and np.float32(hf_config.rms_norm_eps) == np.float32(1e-5)
-    assert "rope_scaling" not in smollm2.hf_config and smollm2.hf_config["rope_theta"] == 100000.0
+    assert "rope_scaling" not in smollm2_gguf.hf_config and smollm2_gguf.hf_config["rope_theta"] == 100000.0
 
 
-def test_smollm2_metadata_is_plain_python(smollm2):
-    meta = smollm2.metadata
+def test_smollm2_metadata_is_plain_python(smollm2_gguf):
+    meta = smollm2_gguf.metadata
     tokens, merges = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.merges"]
     assert type(tokens) is list and len(tokens) == 49152 and all(type(t) is str for t in tokens)
     assert type(merges) is list and type(merges[0]) is str and " " in merges[0]
@@ -352,18 +363,34 @@ def test_not_a_gguf(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smollm2_cuts(smollm2_path):
-    """The real file's bytes and offsets to cut it at, one in each part of the file."""
-    data = smollm2_path.read_bytes()
-    data_start = gguf.GGUFReader(smollm2_path).data_offset
-    offsets = {"version": 6, "kv_count": 20, "kv": 300, "tokens": 200_000, "tensor_info": data_start - 500,
-               "data": (data_start + len(data)) // 2, "last_byte": len(data) - 1}
+def tiny_cuts(tmp_path_factory):
+    """A tiny GGUF with a tokenizer (tests/model/test_quant.py's) and offsets to cut it at,
+    one inside each part of the file, found by the gguf reader."""
+    path = write_tiny_gguf(tmp_path_factory.mktemp("cuts") / "tiny.gguf", lambda name: QT.Q8_0)
+    reader = gguf.GGUFReader(path)
+    fields, tensors, data = reader.fields, reader.tensors, path.read_bytes()
+
+    def inside(field):  # the middle byte of a key/value (or tensor info) record
+        return field.offset + sum(int(part.nbytes) for part in field.parts) // 2
+
+    info = tensors[len(tensors) // 2].field
+    biggest = max(tensors, key=lambda t: t.n_bytes)
+    end_of_data = max(int(t.data_offset) + int(t.n_bytes) for t in tensors)
+    offsets = {"version": fields["GGUF.version"].offset + 2,
+               "kv_count": fields["GGUF.kv_count"].offset + 4,
+               "kv": inside(fields["llama.block_count"]),
+               "tokens": inside(fields["tokenizer.ggml.tokens"]),
+               "tensor_info": inside(info),
+               "data": int(biggest.data_offset) + int(biggest.n_bytes) // 2,
+               "last_byte": end_of_data - 1}
+    assert fields["GGUF.version"].offset == 4 and info.offset < reader.data_offset
+    assert reader.data_offset < offsets["data"] < end_of_data <= len(data)
     return data, offsets
 
 
 @pytest.mark.parametrize("where", ["version", "kv_count", "kv", "tokens", "tensor_info", "data", "last_byte"])
-def test_truncated_real_gguf(tmp_path, smollm2_cuts, where):
-    data, offsets = smollm2_cuts
+def test_truncated_gguf(tmp_path, tiny_cuts, where):
+    data, offsets = tiny_cuts
     path = tmp_path / f"cut_{where}.gguf"
     path.write_bytes(data[: offsets[where]])
     assert_error(path, "truncated or corrupt")

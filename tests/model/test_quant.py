@@ -1,7 +1,11 @@
 """Int8 weights: quantization error, int8 vs float logits, the matmul, int8
 checkpoints and GGUF Q8_0, generation and beam search, memory, bad input."""
 
+import difflib
+import inspect
 import json
+import shutil
+from pathlib import Path
 
 import gguf
 import jax
@@ -16,10 +20,9 @@ from flaxlm.infer import LLM, SamplingParams
 from flaxlm.infer.engine import decode_step
 from flaxlm.model import (CheckpointError, ConfigError, KVCache, ModelConfig, abstract_model,
                           dequantize_model, flat_params, load, param_stats, quantize, save_hf)
-from flaxlm.model.cli import main as cli_main
 from flaxlm.model.quant import int8_abstract, targets
 from tests.hf_models import make_hf_model, save_tokenizer
-from tests.model.test_gguf_io import TINY, TINY_KV, gguf_name, store, tiny_hf_weights
+from tests.model.test_gguf_io import TINY, write_tiny_gguf
 
 QT = gguf.GGMLQuantizationType
 ATOL = 1e-4  # same weights, different summation order: float32 rounding only (as test_hf_parity)
@@ -112,6 +115,38 @@ def test_int8_logits_close_to_float(tiny):
     assert 0 < rel <= path * eps, f"{name}: relative RMS logit error {rel:.2e}, bound {path * eps:.2e}"
 
 
+def _perplexity(model, windows):
+    """exp(mean next-token NLL) over every position of `windows` [rows, width] after the first."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def nll_sum(state, tokens):
+        logp = jax.nn.log_softmax(nnx.merge(graphdef, state)(tokens)[:, :-1], axis=-1)
+        return -jnp.sum(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
+    return float(np.exp(float(nll_sum(state, jnp.asarray(windows))) / windows[:, 1:].size))
+
+
+def test_smollm2_int8_perplexity_within_one_percent_of_float32(smollm2):
+    """DESIGN.md: int8 stays within a stated perplexity delta of float32 (1%). The text is
+    the first 2,048 tokens of the standard library's difflib.py, in 4 windows of 512 (2,044
+    predicted tokens); scripts/eval_quant.py measures the same over 20,440 tokens."""
+    float_model, tokenizer = smollm2
+    int8_model, _ = load("smollm2-135m-instruct", quantize="int8")
+    assert flat_params(int8_model)["layers.0.attn.q_proj.kernel"].dtype == jnp.int8
+    text = Path(inspect.getsourcefile(difflib)).read_text(encoding="utf-8")
+    windows = np.asarray(tokenizer.encode(text)[:4 * 512], np.int32).reshape(4, 512)
+    ppl_float, ppl_int8 = _perplexity(float_model, windows), _perplexity(int8_model, windows)
+    delta = ppl_int8 / ppl_float - 1
+    print(f"SmolLM2 on difflib.py: perplexity float32 {ppl_float:.4f}, int8 {ppl_int8:.4f} "
+          f"({100 * delta:+.3f}%)")
+    # Measured: float32 17.80, int8 17.79 (-0.10%). The float32 model must itself work (a
+    # model without its weights scores near the vocabulary size, 49,152, where any ratio
+    # is meaningless).
+    assert ppl_float < 30
+    assert 0 < abs(delta) <= 0.01
+
+
 # --- checkpoints ------------------------------------------------------------------------------
 
 
@@ -135,37 +170,6 @@ def test_save_load_round_trip_is_bit_exact(tiny, tmp_path):
         ids = _ids(2, 16, model.config.vocab_size)
         np.testing.assert_array_equal(np.asarray(loaded(ids)), np.asarray(quantized(ids)))
     assert loaded_tokenizer.encode("hello world") == tokenizer.encode("hello world")
-
-
-def test_cli_quantize_writes_what_load_quantizes(tiny, tmp_path, capsys):
-    _, directory, model, _ = tiny
-    assert cli_main(["quantize", str(directory), str(tmp_path / "out")]) == 0
-    assert "int8" in capsys.readouterr().out
-    _assert_same_params(load(tmp_path / "out")[0], load(directory, quantize="int8")[0])
-    assert cli_main(["quantize", str(directory), str(tmp_path / "keep"), "--keep-embeddings"]) == 0
-    kept = flat_params(load(tmp_path / "keep")[0])
-    assert kept["embed.embedding"].dtype == jnp.float32
-    assert kept["layers.0.mlp.up_proj.kernel"].dtype == jnp.int8
-
-
-def write_tiny_gguf(path, qtype_of):
-    """The tiny llama of test_gguf_io with a small tokenizer; qtype_of(hf_name) picks each 2-D type."""
-    writer = gguf.GGUFWriter(path, "llama")
-    for key, value in TINY_KV.items():
-        kind = gguf.GGUFValueType.UINT32 if isinstance(value, int) else gguf.GGUFValueType.FLOAT32
-        writer.add_key_value(key, value, kind)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list([chr(ord("a") + i) for i in range(26)]
-                          + [f"<t{i}>" for i in range(26, TINY["vocab"] - 1)] + ["ab"])
-    writer.add_token_merges(["a b"])
-    for hf_name, weight in tiny_hf_weights().items():
-        data, stored = store(hf_name, weight, qtype_of(hf_name))
-        writer.add_tensor(gguf_name(hf_name), data, raw_dtype=stored if data.dtype == np.uint8 else None)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 @pytest.mark.parametrize("mode", ["q8_0", "int8"])
@@ -207,10 +211,8 @@ def test_generation_and_beam_search_run_on_int8(tiny):
     float_llm = LLM(dequantize_model(int8_llm.model), tokenizer)
     assert flat_params(int8_llm.model)["layers.0.attn.q_proj.kernel"].dtype == jnp.int8
     prompts = [[5, 9, 13, 2], [7, 7, 1, 30, 31, 8, 99]]
-    settings = [SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)]
-    if "num_beams" in SamplingParams.__dataclass_fields__:
-        settings.append(SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True,
-                                       num_beams=3))
+    settings = [SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True),
+                SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True, num_beams=3)]
     for params in settings:
         got = [r.token_ids for r in int8_llm.generate(prompts, params)]
         want = [r.token_ids for r in float_llm.generate(prompts, params)]
@@ -222,18 +224,14 @@ def test_decode_step_holds_no_float_copy_of_the_weights():
     temporary buffers stay below one float weight block, far below the float head."""
     config = ModelConfig(vocab_size=65536, embed_dim=128, num_layers=2, num_heads=4,
                          num_kv_heads=2, head_dim=32, mlp_dim=2048, max_seq_len=128)
-    groups = {t.kernel: 1 for t in targets(config)}
     float_head = config.vocab_size * config.embed_dim * 4  # 32 MiB
-    for model, limit in ((int8_abstract(config, groups), 2 * int8.CPU_BLOCK_BYTES),
-                         (abstract_model(config), None)):
-        graphdef, state = nnx.split(model)
-        cache = jax.eval_shape(lambda: KVCache.init(config, 1, 128))
-        step = jax.jit(lambda state, cache, tokens: decode_step(nnx.merge(graphdef, state),
-                                                                cache, tokens))
-        compiled = step.lower(state, cache, jax.ShapeDtypeStruct((1,), jnp.int32)).compile()
-        temp = compiled.memory_analysis().temp_size_in_bytes
-        if limit is not None:
-            assert temp < limit < float_head, temp
+    graphdef, state = nnx.split(int8_abstract(config, {t.kernel: 1 for t in targets(config)}))
+    cache = jax.eval_shape(lambda: KVCache.init(config, 1, 128))
+    step = jax.jit(lambda state, cache, tokens: decode_step(nnx.merge(graphdef, state),
+                                                            cache, tokens))
+    compiled = step.lower(state, cache, jax.ShapeDtypeStruct((1,), jnp.int32)).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < 2 * int8.CPU_BLOCK_BYTES < float_head, temp
 
 
 def test_parameter_memory_is_measured():
@@ -284,24 +282,32 @@ def test_quantizing_twice_names_the_tensor(tiny):
     (lambda t: t.update({"layers.0.attn.v_proj.kernel": np.zeros((64, 2, 16), np.float32)}),
      ["layers.0.attn.v_proj", "not int8"]),
 ])
-def test_checkpoint_scales_not_matching_kernels(tmp_path, edit, words):
-    model, tokenizer = load(_llama_dir(tmp_path))
-    save_hf(quantize(model), tokenizer, tmp_path / "int8")
+def test_checkpoint_scales_not_matching_kernels(tmp_path, int8_dir, edit, words):
+    shutil.copytree(int8_dir, tmp_path / "int8")
     file = tmp_path / "int8" / "model.safetensors"
     tensors = load_file(file)
     edit(tensors)
     save_file(tensors, file)
     with pytest.raises(CheckpointError) as error:
         load(tmp_path / "int8")
+    assert str(tmp_path / "int8") in str(error.value)
     for word in words:
         assert word in str(error.value)
 
 
-def _llama_dir(tmp_path):
-    directory = tmp_path / "llama"
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("llama")
     make_hf_model("llama-gqa", seed=2).save_pretrained(directory, safe_serialization=True)
     save_tokenizer(directory, 320)
     return directory
+
+
+@pytest.fixture(scope="module")
+def int8_dir(llama_dir, tmp_path_factory):
+    """llama_dir quantized and saved (copy it before editing)."""
+    model, tokenizer = load(llama_dir)
+    return save_hf(quantize(model), tokenizer, tmp_path_factory.mktemp("int8"))
 
 
 def test_gguf_type_without_int8_form_names_the_tensor(tmp_path):
@@ -313,16 +319,15 @@ def test_gguf_type_without_int8_form_names_the_tensor(tmp_path):
         int8.q8_0_to_int8(np.zeros((4, 33), np.uint8), "blk.0.attn_q.weight")
 
 
-def test_bad_quantize_settings(tmp_path):
-    directory = _llama_dir(tmp_path)
+def test_bad_quantize_settings(llama_dir):
     with pytest.raises(ConfigError, match="quantize 'int4'"):
-        load(directory, quantize="int4")
+        load(llama_dir, quantize="int4")
     with pytest.raises(ConfigError, match="reads GGUF files"):
-        load(directory, quantize="q8_0")
+        load(llama_dir, quantize="q8_0")
 
 
-def test_sharded_int8_generation_equals_unsharded(tmp_path, mesh="data=2,fsdp=2,tensor=2"):
-    directory = _llama_dir(tmp_path)
+def test_sharded_int8_generation_equals_unsharded(llama_dir, mesh="data=2,fsdp=2,tensor=2"):
+    directory = llama_dir
     single = LLM.load(directory, quantize="int8")
     sharded = LLM.load(directory, quantize="int8", mesh=mesh)
     kernel = sharded.programs.state["layers"][0]["attn"]["q_proj"]["kernel"].get_value()

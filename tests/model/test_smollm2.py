@@ -1,10 +1,14 @@
 """The real embedded SmolLM2-135M-Instruct GGUF: flaxlm against transformers' GGUF loader."""
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 
 from flaxlm.model import load, save_hf
 
@@ -39,32 +43,52 @@ def _prompts(tokenizer):
         tokenizer.encode(tokenizer.apply_chat_template(CHAT))]
 
 
-def test_logits_match_transformers(flaxlm_model, hf_model):
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, ids, mask):
+    return nnx.merge(graphdef, state)(ids, attention_mask=mask)
+
+
+def _logits(model, prompts):
+    """flaxlm's logits of each prompt, from one jitted forward of the right-padded batch
+    (padding changes nothing: tests/model/test_hf_parity.py)."""
+    ids = np.zeros((len(prompts), max(map(len, prompts))), np.int32)
+    mask = np.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, :len(prompt)], mask[row, :len(prompt)] = prompt, 1
+    out = np.asarray(_forward(*nnx.split(model), jnp.asarray(ids), jnp.asarray(mask)))
+    return [out[row, :len(prompt)] for row, prompt in enumerate(prompts)]
+
+
+@pytest.fixture(scope="module")
+def ours(flaxlm_model):
+    """(prompt ids, flaxlm's logits) of every prompt."""
     model, tokenizer = flaxlm_model
+    prompts = _prompts(tokenizer)
+    return prompts, _logits(model, prompts)
+
+
+def test_logits_match_transformers(ours, hf_model):
     worst = 0.0
-    for ids in _prompts(tokenizer):
-        ours = np.asarray(model(jnp.asarray([ids])))[0]
+    for ids, logits in zip(*ours):
         ref = _hf_logits(hf_model, ids)
-        worst = max(worst, float(np.abs(ours - ref).max()))
-        np.testing.assert_array_equal(ours.argmax(-1), ref.argmax(-1))
+        worst = max(worst, float(np.abs(logits - ref).max()))
+        np.testing.assert_array_equal(logits.argmax(-1), ref.argmax(-1))
     print(f"SmolLM2 GGUF: max abs logit diff vs transformers {worst:.2e}")
     assert worst <= ATOL
 
 
-def test_save_hf_round_trip(flaxlm_model, hf_model, tmp_path):
+def test_save_hf_round_trip(flaxlm_model, ours, tmp_path):
     model, tokenizer = flaxlm_model
     save_hf(model, tokenizer, tmp_path)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    for ids, text in zip(_prompts(tokenizer), PROMPTS):
+    for ids, logits, text in zip(*ours, PROMPTS):
         assert hf_tokenizer(text)["input_ids"] == ids
-        ours = np.asarray(model(jnp.asarray([ids])))[0]
-        np.testing.assert_allclose(_hf_logits(reloaded, ids), ours, atol=ATOL, rtol=0)
+        np.testing.assert_allclose(_hf_logits(reloaded, ids), logits, atol=ATOL, rtol=0)
     assert hf_tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True) \
         == tokenizer.apply_chat_template(CHAT)
     # and flaxlm reads its own output back bit for bit
     again, again_tokenizer = load(tmp_path)
-    ids = _prompts(tokenizer)[0]
-    np.testing.assert_array_equal(np.asarray(again(jnp.asarray([ids]))),
-                                  np.asarray(model(jnp.asarray([ids]))))
+    for a, b in zip(_logits(again, ours[0]), ours[1]):
+        np.testing.assert_array_equal(a, b)
     assert again_tokenizer.eos_token_ids == tokenizer.eos_token_ids

@@ -5,6 +5,7 @@ from jax.sharding import PartitionSpec as P
 
 from flaxlm.infer import LLM, SamplingParams
 from flaxlm.model import ConfigError, load
+from flaxlm.model.cli import main
 from tests.hf_models import make_hf_model, save_tokenizer
 
 PROMPTS = ["The quick brown fox", "Hello, world! 12345 def main():", "def"]
@@ -43,9 +44,13 @@ def test_sharded_generation_equals_unsharded(model_dir, reference, mesh):
     assert [r.token_ids for r in sampled] == [r.token_ids for r in reference["sampled"]]
 
 
-def test_stream_on_a_mesh(model_dir, reference):
-    llm = LLM.load(model_dir, mesh="data=4,tensor=2")
-    assert "".join(llm.stream(PROMPTS[0], GREEDY)) == reference["greedy"][0].text
+def test_stream_on_a_mesh_from_the_cli(model_dir, reference, capsys):
+    """`flaxlm generate --mesh data=4,tensor=2 --stream`: the unsharded greedy text."""
+    assert main(["generate", "--model", str(model_dir), "--prompt", PROMPTS[0], "--stream",
+                 "--temperature", "0", "--max-new-tokens", "24", "--ignore-eos",
+                 "--mesh", "data=4,tensor=2"]) == 0
+    out = capsys.readouterr()
+    assert out.out == reference["greedy"][0].text and "[24 tokens" in out.err
 
 
 def test_bad_mesh_errors_before_loading(tmp_path):
@@ -58,3 +63,14 @@ def test_indivisible_heads_named(model_dir):
     with pytest.raises(ConfigError, match=r"k_proj.kernel of shape .* not divisible by mesh axis "
                                           r"'tensor' of size 8"):
         LLM(model, tokenizer, mesh="tensor=8")
+
+
+def test_sharded_scoring_equals_unsharded(model_dir):
+    requests = [("The quick brown", " fox"), ("The quick brown", " dog jumps"), ("Hello", ", world")]
+    texts = ["def main():\n    return 42\n" * 3, "Hello, world!"]
+    plain = LLM.load(model_dir)
+    sharded = LLM.load(model_dir, mesh="data=2,fsdp=2,tensor=2")
+    for a, b in zip(plain.loglikelihood(requests), sharded.loglikelihood(requests)):
+        assert b.token_logprobs == pytest.approx(a.token_logprobs, abs=1e-5)
+        assert a.is_greedy == b.is_greedy
+    assert sharded.embed(texts) == pytest.approx(plain.embed(texts), abs=1e-5)

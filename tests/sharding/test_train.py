@@ -5,6 +5,7 @@ laid out as the rules say; a checkpoint saved on one mesh resumes on another."""
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 import numpy as np
@@ -13,12 +14,12 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from flaxlm.model import ModelConfig
-from flaxlm.model.sharding import RULES, spec_for
 from flaxlm.train.checkpoint import Checkpoints
 from flaxlm.train.optim import optimizer
 from flaxlm.train.recipe import CheckpointConfig, OptimizerConfig
 from flaxlm.train.step import TrainState, put_batch
 
+from tests.sharding.test_rules import expected_spec
 from tests.train.conftest import (TINY_MODEL, accum_batch, compiled_steps, fresh_state,
                                   initial_state, random_rows)
 
@@ -73,29 +74,43 @@ def test_sharded_training_follows_one_device(mesh, single_device):
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(one_state.params)):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-4)
 
-    # Every parameter, and both AdamW moments of it, sharded as its logical axes and RULES say.
-    axes = {jax.tree_util.keystr(path): var.get_metadata()["logical_axes"]
-            for path, var in jax.tree_util.tree_leaves_with_path(
-                initial_state(CONFIG, OPT)[1].params,
-                is_leaf=lambda x: hasattr(x, "get_metadata"))}
+    # Every parameter, and both AdamW moments of it, sharded as the hand-written table of
+    # tests/sharding/test_rules.py says (RULES applied to each parameter's logical axes).
     params = _named(state.params)
-    assert params and len(params) == len(axes)
+    assert len(params) == 2 * 9 + 3  # 9 per layer, embedding, final norm, LM head
     moments = _moments(state.opt_state)
     assert len(moments) == 2
     for tree in [state.params, *moments]:
         for name, leaf in _named(tree).items():
-            key = name.removesuffix(".value")
-            want = spec_for(axes[key], RULES)
+            want = expected_spec(re.findall(r"\['?(\w+)'?\]", name))
             assert isinstance(leaf.sharding, NamedSharding), name
             assert leaf.sharding.spec == want, (mesh, name, leaf.sharding.spec, want)
             assert len(leaf.sharding.device_set) == 8, name
-    # Spelled out for a few, so the test does not only check spec_for against itself.
-    layer = "['layers'][0]"
-    assert params[f"{layer}['attn']['q_proj']['kernel'].value"].sharding.spec == P("fsdp", "tensor", None)
-    assert params[f"{layer}['attn']['o_proj']['kernel'].value"].sharding.spec == P("tensor", None, "fsdp")
-    assert params["['embed']['embedding'].value"].sharding.spec == P("tensor", "fsdp")
-    assert params["['final_norm']['scale'].value"].sharding.spec == P("fsdp")
     assert state.step.sharding.spec == P() and state.rng.sharding.spec == P()
+
+
+# Plain SGD with lr 1: the update is the gradient itself, so comparing updated parameters
+# compares gradients (as tests/train/test_step.py does for data parallel and FSDP).
+SGD = optax.sgd(1.0)
+
+
+def _sgd_step(mesh: str):
+    """(state, metrics) of one plain-SGD step on BATCHES[0] from the shared initial state."""
+    steps = compiled_steps(CONFIG, mesh, SGD)
+    return steps.train(fresh_state(CONFIG, mesh, SGD),
+                       put_batch(BATCHES[0], steps.train_batch_sharding))
+
+
+@pytest.mark.parametrize("mesh", ["data=4,tensor=2", "data=2,fsdp=2,tensor=2"])
+def test_tensor_parallel_gradients_equal_one_device(mesh):
+    one_state, one = _sgd_step("data=1")
+    state, metrics = _sgd_step(mesh)
+    assert state.params["layers"][0]["attn"]["q_proj"]["kernel"].get_value().sharding.spec \
+        == P("fsdp", "tensor", None)
+    np.testing.assert_allclose(metrics.loss, one.loss, rtol=1e-6)
+    np.testing.assert_allclose(metrics.grad_norm, one.grad_norm, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(one_state.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def _device_bytes(tree, device) -> int:

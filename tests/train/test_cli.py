@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -119,14 +120,46 @@ def test_sigterm_saves_a_restorable_checkpoint(corpus, tmp_path):
     assert step >= 2 and step == int(err.split("stopped at step ")[1].split(",")[0])
 
 
-def test_tokenizer_train_command(capsys, corpus, tmp_path):
+def test_sigint_saves_and_exits_130_with_a_progress_bar(capsys, corpus, tmp_path):
+    """In-process `flaxlm train`: SIGINT finishes the step, saves a checkpoint and exits 130
+    (the console-script run above covers SIGTERM); the bar shows steps, loss and tokens/s."""
+    recipe = tiny_recipe(corpus, train={"steps": 100_000}, checkpoint={"every": 100_000},
+                         log={"eval_every": 100_000, "plot": False, "tensorboard": False,
+                              "progress": True})
+    (tmp_path / "r.toml").write_text(to_toml(recipe))
+    run_dir = tmp_path / "run"
+
+    def interrupt():  # once two steps are logged, the run's own handler is installed
+        deadline = time.monotonic() + 300
+        while len(read_metrics(run_dir)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    assert main(["train", "--config", str(tmp_path / "r.toml"), "--out", str(run_dir)]) == 130
+    err = capsys.readouterr().err
+    assert "SIGINT: stopped at step" in err, err
+    assert "step" in err and "loss=" in err and "tok_s=" in err  # the progress bar
+    model, tokenizer, step = restore_model(run_dir)
+    assert step >= 2 and step == int(err.split("stopped at step ")[1].split(",")[0])
+
+
+def flaxlm(*argv: str) -> str:
+    """Run the installed `flaxlm` console script; it must succeed. Returns its stdout."""
+    result = subprocess.run([str(Path(sys.executable).parent / "flaxlm"), *argv],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_console_script_tokenizer_train(capsys, corpus, tmp_path):
     import transformers
 
     from flaxlm.model.tokenizer import Tokenizer
 
-    assert main(["tokenizer", "train", "--data", str(corpus / "*.txt"), "--vocab-size", "300",
-                 "--out", str(tmp_path / "tok")]) == 0
-    assert "300 tokens from 40 documents" in capsys.readouterr().out
+    out = flaxlm("tokenizer", "train", "--data", str(corpus / "*.txt"), "--vocab-size", "300",
+                 "--out", str(tmp_path / "tok"))
+    assert "300 tokens from 40 documents" in out
     ours = Tokenizer.from_hf_dir(tmp_path / "tok")
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
     text = "The cat sat on the mat.<|endoftext|>"
@@ -143,12 +176,39 @@ def test_tokenizer_train_command(capsys, corpus, tmp_path):
                     "--out", str(tmp_path / "small")], "vocab size 100 is below 261")
 
 
-def test_plot_command(capsys, tmp_path):
+def test_console_script_plot(capsys, tmp_path):
     (tmp_path / "metrics.jsonl").write_text(
         '{"step": 1, "loss": 5.0, "eval_loss": null}\n{"step": 2, "loss": 4.0, "eval_loss": 4.5}\n')
-    assert main(["plot", str(tmp_path), "--out", str(tmp_path / "curve.png")]) == 0
-    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert str(tmp_path / "curve.png") in flaxlm("plot", str(tmp_path), "--out",
+                                                 str(tmp_path / "curve.png"))
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     _fails(capsys, ["plot", str(tmp_path / "missing")], "no metrics.jsonl")
+
+
+def test_console_script_export_of_a_chosen_step(capsys, straight, tmp_path):
+    """`flaxlm export RUN_DIR DIR --step 3` writes the step-3 checkpoint's weights (not the
+    latest, step 6) with the run's tokenizer."""
+    import numpy as np
+
+    from flaxlm.model import flat_params, load
+
+    _, run_dir = straight
+    assert str(tmp_path / "hf") in flaxlm("export", str(run_dir), str(tmp_path / "hf"),
+                                          "--step", "3")
+    exported, tokenizer = load(tmp_path / "hf")
+    step3, run_tokenizer, step = restore_model(run_dir, 3)
+    assert step == 3 and tokenizer.encode("the cat sat") == run_tokenizer.encode("the cat sat")
+    ours, theirs, latest = flat_params(exported), flat_params(step3), flat_params(
+        restore_model(run_dir)[0])
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        np.testing.assert_array_equal(np.asarray(ours[key]), np.asarray(theirs[key]), err_msg=key)
+    assert not np.array_equal(np.asarray(ours["layers.0.mlp.up_proj.kernel"]),
+                              np.asarray(latest["layers.0.mlp.up_proj.kernel"]))
+    _fails(capsys, ["export", str(tmp_path / "hf"), str(tmp_path / "x")],
+           "not a training run directory")
+    _fails(capsys, ["export", str(run_dir), str(tmp_path / "x"), "--step", "4"],
+           "checkpoints/4: cannot restore the checkpoint")
 
 
 def test_changed_recipe_does_not_resume_into_a_run(capsys, no_training, corpus, recipe_file,

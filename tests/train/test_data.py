@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 
 from flaxlm.train import data as data_lib
-from flaxlm.train.sources import DataError, DocumentSource, default_corpus, find_files
+from flaxlm.model.sources import DataError, DocumentSource, default_corpus, find_files
 from flaxlm.train.tokenizer_train import train_tokenizer
+
+from tests.hf_models import save_tokenizer
+from tests.train.conftest import tiny_recipe
 
 
 @pytest.fixture(scope="module")
@@ -119,10 +122,42 @@ def test_resumed_iterator_reads_the_same_batches(source, tokenizer):
 
 
 def test_data_repeats_over_epochs(source, tokenizer):
-    # Enough batches for several epochs: every document is read, and data does not run out.
-    batches, _ = _batches(source, tokenizer, 60)
-    seen = set(np.concatenate([b.tokens.ravel() for b in batches]).tolist())
-    assert tokenizer.eos_token_id in seen
+    """The rows, read in order, are the documents (each + EOS) of one shuffled epoch after
+    another, every epoch in a new order."""
+    encode = data_lib.Encoder(tokenizer)
+    documents = [tuple(encode(source[i])["tokens"]) for i in range(len(source))]
+    epoch_tokens = sum(map(len, documents))
+    batch_tokens = 2 * 2 * 17  # [grad_accum, micro_batch, seq_len + 1]
+    batches, _ = _batches(source, tokenizer, -(-5 * epoch_tokens // (2 * batch_tokens)))  # 2.5 epochs
+    stream = np.concatenate([b.tokens.ravel() for b in batches]).tolist()
+    ends = [i for i, token in enumerate(stream) if token == encode.eos]
+    assert len(ends) >= 2 * len(documents)
+    read = [tuple(stream[start + 1:end + 1]) for start, end in zip([-1, *ends], ends)]
+    index = {doc: i for i, doc in enumerate(documents)}
+    assert len(index) == len(documents)  # the corpus has no duplicate documents
+    orders = [[index[doc] for doc in read[k * len(documents):(k + 1) * len(documents)]]
+              for k in range(2)]
+    for order in orders:
+        assert sorted(order) == list(range(len(documents)))  # each document once per epoch
+    assert orders[0] != orders[1]
+
+
+def test_tokenizer_source_names_a_model(source, corpus, tmp_path):
+    """tokenizer.source = a model path: the run uses (and keeps in RUN_DIR/tokenizer) that
+    model's tokenizer."""
+    from flaxlm.model import Tokenizer
+    from flaxlm.train.prepare import _tokenizer
+
+    save_tokenizer(tmp_path, 300)
+    recipe = tiny_recipe(corpus, tokenizer={"source": str(tmp_path)})
+    split = data_lib.split_documents(len(source), 0.1, seed=0)
+    (tmp_path / "run").mkdir()
+    tokenizer = _tokenizer(recipe, tmp_path / "run", recipe.model_config(), source, split, None)
+    model_tokenizer = Tokenizer.from_hf_dir(tmp_path)
+    saved = Tokenizer.from_hf_dir(tmp_path / "run" / "tokenizer")
+    for tok in (tokenizer, saved):
+        assert tok.backend.to_str() == model_tokenizer.backend.to_str()
+        assert tok.encode(source[0]) == model_tokenizer.encode(source[0])
 
 
 def test_split_and_process_shards_are_disjoint():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 
 import jax
@@ -18,7 +19,7 @@ from flaxlm.train.loop import TrainingDiverged, train
 from flaxlm.train.metrics import read_metrics
 from flaxlm.train.optim import optimizer
 from flaxlm.train.recipe import CheckpointConfig
-from flaxlm.train.sources import DocumentSource, find_files
+from flaxlm.model.sources import DocumentSource, find_files
 from flaxlm.train.step import abstract_state, loss_sum
 
 from tests.train.conftest import tiny_recipe
@@ -46,7 +47,17 @@ def test_loss_falls_and_files_are_written(straight):
     assert records[-1]["loss"] < records[0]["loss"] - 0.5
     assert records[2]["eval_loss"] is not None and records[1]["eval_loss"] is None
     assert records[-1]["eval_loss"] < records[2]["eval_loss"]
-    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in records[1:])
+    # MFU = (6 N + 12 L H Q T) x tokens/s / peak, by hand for the test model (vocab 320,
+    # embed 32, 2 heads and 1 kv head of 16, mlp 64, 2 layers, untied): parameters 39,072
+    # (embedding 10,240; per layer q 1,024 + k 512 + v 512 + o 1,024 + mlp 3 * 2,048 + norms
+    # 64 = 9,280, twice; final norm 32; head 10,240), N = all but the input embedding =
+    # 28,832; 6 N = 172,992; attention 12 * 2 * 2 * 16 * 32 (seq_len) = 24,576; 197,568
+    # FLOPs per token. Peak: this CPU, cores x 2.5 GHz x 32 FLOP/cycle, once (the eight XLA
+    # devices share the cores).
+    peak = os.cpu_count() * 2.5e9 * 32
+    for r in records[1:]:
+        assert r["tokens_per_s"] > 0
+        assert r["mfu"] == pytest.approx(197_568 * r["tokens_per_s"] / peak, rel=1e-9)
     assert result.step == 6 and result.last_checkpoint == 6 and result.stopped_by is None
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -75,17 +86,21 @@ def test_eval_perplexity_is_over_the_held_out_split(straight, corpus):
 
 
 def test_resume_equals_straight_bitwise(straight, corpus, tmp_path):
+    """Checkpoint settings change nothing in training: this run keeps 2 checkpoints (the
+    straight run 5), and only the last two stay."""
     result, straight_dir = straight
-    first = train(tiny_recipe(corpus, train={"steps": 4}), tmp_path)
+    first = train(tiny_recipe(corpus, train={"steps": 4}, checkpoint={"keep": 2}), tmp_path)
     assert first.step == 4 and first.last_checkpoint == 4
-    resumed = train(tiny_recipe(corpus), tmp_path)  # the same command with the full step count
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [3, 4]
+    resumed = train(tiny_recipe(corpus, checkpoint={"keep": 2}), tmp_path)  # to the full 6 steps
     assert resumed.resumed_from == 4 and resumed.step == 6
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [4, 6]
     assert resumed.data_state == result.data_state  # the same batches were read
     a, b = _saved_state(straight_dir, 6), _saved_state(tmp_path, 6)
     for x, y in zip(jax.tree.leaves((a.params, a.opt_state, a.rng, a.step)),
                     jax.tree.leaves((b.params, b.opt_state, b.rng, b.step))):
         assert np.array_equal(np.asarray(x), np.asarray(y))
-    again = train(tiny_recipe(corpus), tmp_path)  # already done: nothing to do
+    again = train(tiny_recipe(corpus, checkpoint={"keep": 2}), tmp_path)  # done: nothing to do
     assert again.step == 6 and again.resumed_from == 6
 
 
@@ -105,15 +120,26 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(straight, tmp_path):
 
 
 def test_export_serves_with_llm(straight, tmp_path):
+    """The exported directory gives the restored checkpoint's logits, and LLM.load serves
+    it: its greedy tokens are the restored model's argmax at every step."""
     from flaxlm.infer import LLM, SamplingParams
+    from flaxlm.model import load
     from flaxlm.train.checkpoint import export_hf
 
     _, run_dir = straight
     out = export_hf(run_dir, tmp_path / "hf")
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
+    restored, tokenizer, step = restore_model(run_dir)
+    exported, exported_tokenizer = load(out)
+    ids = tokenizer.encode("the cat sat on the mat. the dog")
+    assert step == 6 and exported_tokenizer.encode("the cat sat") == tokenizer.encode("the cat sat")
     llm = LLM.load(out, max_batch=1)
-    result = llm.generate("the cat", SamplingParams(temperature=0, max_new_tokens=6))[0]
-    assert len(result.token_ids) >= 1
+    result = llm.generate(ids, SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True))[0]
+    assert len(result.token_ids) == 6
+    sequence = np.asarray([ids + result.token_ids])
+    reference = np.asarray(restored(sequence))[0]
+    np.testing.assert_array_equal(np.asarray(exported(sequence))[0], reference)
+    assert result.token_ids == reference[len(ids) - 1:-1].argmax(-1).tolist()
     assert Tokenizer.from_hf_dir(out).vocab_size == llm.tokenizer.vocab_size
 
 

@@ -30,11 +30,25 @@ def test_every_recipe_loads(path):
 
 
 def test_smollm2_recipe_is_mixed_precision():
+    """README: bfloat16 compute, float32 master weights, 2048-token sequences, 0.5M tokens
+    per step, SmolLM2's own tokenizer."""
     recipe = Recipe.load(next(p for p in RECIPES if p.name == "smollm2-135m.toml"))
     config = recipe.model_config()
     assert (config.dtype, config.param_dtype) == ("bfloat16", "float32")
     assert config == ModelConfig.preset("smollm2-135m").replace(
         dtype="bfloat16", remat=config.remat)
+    assert recipe.data.seq_len == 2048 and recipe.train.batch_size * 2048 == 2 ** 19
+    assert recipe.tokenizer.source == "smollm2-135m-instruct"
+
+
+def test_tiny_recipe_trains_its_own_tokenizer_on_the_stdlib():
+    """README: tiny.toml trains a 512-token BPE (the model's vocabulary) on the standard
+    library source (no data.files)."""
+    recipe = Recipe.load(next(p for p in RECIPES if p.name == "tiny.toml"))
+    assert recipe.data.files == () and recipe.tokenizer.source == "train"
+    assert (recipe.tokenizer.vocab_size or recipe.model_config().vocab_size) == 512
+    assert recipe.model_config() == ModelConfig.preset("tiny-llama").replace(
+        dtype="float32", remat="none")
 
 
 def test_overrides_parse_toml_values():
@@ -81,8 +95,25 @@ def test_unknown_key_in_file_names_the_nearest_key(tmp_path):
 ])
 def test_bad_values_are_config_errors(item, message):
     path = next(p for p in RECIPES if p.name == "tiny.toml")
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as info:
         Recipe.load(path, (item,))
+    if item != "train.steps":  # not a key=value: the --set item itself is named
+        assert str(info.value).startswith(f"{path}: "), info.value
+
+
+@pytest.mark.parametrize("table, message", [
+    ('[model]\npreset = "tiny-llama"\n[data]\nformat = "csv"', "data.format 'csv'"),
+    ('[model]\npreset = "tiny-llama"\nnum_kv_heads = 3', "multiple of num_kv_heads"),
+    ('[model]\npreset = "tiny-llama"\n[train]\nmesh = "data=x"', "mesh"),
+    ('[model]\npreset = "tiny-llama"\n[optimizer]\nlr = "fast"', "optimizer.lr must be float"),
+    ('[model\n', "cannot read recipe"),
+])
+def test_errors_in_a_recipe_file_name_the_file(tmp_path, table, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(table + "\n")
+    with pytest.raises(ConfigError, match=message) as info:
+        Recipe.load(path)
+    assert str(path) in str(info.value) and str(info.value).count(str(path)) == 1, info.value
 
 
 def test_round_trip_through_dict():

@@ -137,6 +137,18 @@ def test_weight_decay_skips_norms_and_biases():
     assert flat["['embed']['embedding'].value"] and flat["['lm_head'].value"]
 
 
+@pytest.mark.parametrize("clip_norm, first_moment", [(0.5, 0.025), (0.0, 0.3)])
+def test_gradients_are_clipped_by_global_norm(clip_norm, first_moment):
+    """Gradient 3.0 in each of 4 entries: global norm 6, clipped to 0.5 (0.25 each) unless
+    clipping is off (0). AdamW's first moment after one step is (1 - b1) g = 0.1 g."""
+    opt = optimizer(OptimizerConfig(lr=1.0, warmup_steps=0, clip_norm=clip_norm), total_steps=10)
+    params = {"kernel": jnp.zeros(4)}
+    _, state = opt.update({"kernel": jnp.full(4, 3.0)}, opt.init(params), params)
+    (adam,) = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(
+        x, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState)]
+    np.testing.assert_allclose(adam.mu["kernel"], first_moment, rtol=1e-6)
+
+
 def test_schedule_warms_up_then_decays_to_the_floor():
     cfg = OptimizerConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
     lr = schedule(cfg, total_steps=100)
