@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from flaxlm.model.cli import Command
@@ -157,3 +158,47 @@ def _read_turns():
 
 
 chat_command = Command("chat with a model, streaming its answers", _chat_arguments, _chat)
+
+
+# ---------------------------------------------------------------- attention
+
+def _attention_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="smollm2-135m-instruct, a .gguf file or an HF directory")
+    p.add_argument("text", help="the text whose attention is drawn")
+    p.add_argument("--layer", type=int, required=True,
+                   help="layer index from 0 (negative: from the last)")
+    p.add_argument("--head", type=int, help="one head (default: the mean over heads)")
+    p.add_argument("--out", default="attention.png", help="PNG path (default: attention.png)")
+    p.add_argument("--chat", action="store_true", help="wrap the text in the chat template")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--verbose", action="store_true", help="log each program compilation")
+    p.add_argument("--mesh", metavar="AXIS=SIZE,...",
+                   help="shard over a device mesh, e.g. tensor=2")
+
+
+def _attention(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from flaxlm.infer.attention_plot import pick, plot_attention
+
+    if not args.text.strip():
+        raise ConfigError("the text is empty")
+    if args.head is not None and args.head < 0:
+        raise ConfigError(f"--head {args.head}: a head index is >= 0")
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise ConfigError(f"--out {out}: the heat map is written as PNG, name it *.png")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ConfigError(f"--out {out}: {parent} is not a writable directory")
+    llm = _load(args)
+    text = (llm.chat_prompt_ids([{"role": "user", "content": args.text}]) if args.chat
+            else args.text)
+    result = llm.trace([text])[0]
+    pick(result, args.layer, args.head)  # a bad index is named before drawing
+    plot_attention(result, args.layer, args.head, out)
+    print(f"wrote {out}: {len(result.tokens)} tokens")
+
+
+attention_command = Command("draw one layer's attention over a text as a heat map (PNG)",
+                            _attention_arguments, _attention)

@@ -18,6 +18,7 @@ from flaxlm.infer.generate import TOP_LOGPROBS, Completion, Row, StreamEnd, run_
 from flaxlm.infer.sampling import SamplingParams
 from flaxlm.infer.scoring import (Item, Loglikelihood, RollingLoglikelihood, encode_pair,
                                   harness_encode, prefix_token_id, rolling_items, score_items)
+from flaxlm.infer.trace import TraceResult, trace_ids
 from flaxlm.model.decoder import Decoder
 from flaxlm.model.errors import ConfigError
 from flaxlm.model.loading import load
@@ -312,6 +313,28 @@ class LLM:
             ids.append(row[:limit])
         return embed_ids(self.programs, ids, pooling=pooling, normalize=normalize,
                          max_rows=self.max_batch)
+
+    def trace(self, texts: Sequence[Prompt], *, logit_lens: int = 0,
+              add_special_tokens: bool = True) -> list[TraceResult]:
+        """A look inside, per text (a string or token ids, within the context): every layer's
+        residual-stream output and attention probabilities, the logits, and with
+        logit_lens=k each layer's top-k next tokens read through the final norm and LM head
+        (see TraceResult). The probabilities are HF's `output_attentions`."""
+        if isinstance(logit_lens, bool) or not isinstance(logit_lens, int) or logit_lens < 0:
+            raise ConfigError(f"logit_lens must be an int >= 0, got {logit_lens!r}")
+        if logit_lens > self.config.vocab_size:
+            raise ConfigError(f"logit_lens={logit_lens} is more than the vocabulary "
+                              f"({self.config.vocab_size})")
+        limit = self.config.max_seq_len
+        ids = []
+        for i, text in enumerate(_as_list(texts)):
+            row = self._text_ids(text, i, add_special_tokens=add_special_tokens)
+            if len(row) > limit:
+                raise ConfigError(f"text {i} has {len(row)} tokens, more than the model's "
+                                  f"context of {limit}")
+            ids.append(row)
+        return trace_ids(self.programs, ids, logit_lens=logit_lens, max_rows=self.max_batch,
+                         token_text=lambda t: self.tokenizer.decode([int(t)]))
 
     def _text_ids(self, text: Prompt, index: int, add_special_tokens: bool | None = None
                   ) -> list[int]:

@@ -35,8 +35,10 @@ def attention_mask(q_positions: jax.Array, q_segments: jax.Array,
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                          scale: float, softcap: float | None = None) -> jax.Array:
-    """q [b, t, heads, h], k/v [b, kv_heads, s, h], mask [b, t, s] -> [b, t, heads, h].
+                          scale: float, softcap: float | None = None, *,
+                          return_probs: bool = False):
+    """q [b, t, heads, h], k/v [b, kv_heads, s, h], mask [b, t, s] -> [b, t, heads, h]
+    (and, with return_probs, the float32 attention probabilities [b, heads, t, s]).
 
     Two dots batched over (batch, kv head), each head's group of query heads
     stacked as rows: the keys and values are used where they lie, no copies.
@@ -55,10 +57,13 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
         logits = jnp.tanh(logits / softcap) * softcap
     logits = logits.reshape(b, kv_heads, g, t, s)
     logits = jnp.where(mask[:, None, None, :, :], logits, _MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kv_heads, g * t, s)
+    probs32 = jax.nn.softmax(logits, axis=-1)  # [b, kv, g, t, s]
+    probs = probs32.astype(v.dtype).reshape(b, kv_heads, g * t, s)
     out = jax.lax.dot_general(probs, v, (((3,), (2,)), batch_dims))  # [b, kv, g * t, h]
-    out = out.reshape(b, kv_heads, g, t, h).transpose(0, 3, 1, 2, 4)
-    return out.reshape(b, t, n, h)
+    out = out.reshape(b, kv_heads, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+    if return_probs:  # query head kv * g + j attends with kv head kv
+        return out, probs32.reshape(b, n, t, s)
+    return out
 
 
 class Attention(nnx.Module):
@@ -91,8 +96,10 @@ class Attention(nnx.Module):
         self.k_norm = Norm(head_dim, qk_norm, **norm) if qk_norm is not None else None
 
     def __call__(self, x: jax.Array, mask: jax.Array, rope: RopeTable | None,
-                 cache: LayerCache | None = None, write_at: jax.Array | None = None):
-        """x [b, t, d], mask [b, t, kv slots]; returns (out [b, t, d], updated cache or None)."""
+                 cache: LayerCache | None = None, write_at: jax.Array | None = None, *,
+                 return_probs: bool = False):
+        """x [b, t, d], mask [b, t, kv slots]; returns (out [b, t, d], updated cache or None),
+        and with return_probs the attention probabilities [b, heads, t, kv slots] third."""
         q = self.q_proj(x)  # [b, t, heads, h]
         k = self.k_proj(x)  # [b, t, kv_heads, h]
         v = self.v_proj(x)
@@ -105,5 +112,9 @@ class Attention(nnx.Module):
             cache = LayerCache(k=write_rows(cache.k, k, write_at),
                                v=write_rows(cache.v, v, write_at))
             k, v = cache.k.astype(q.dtype), cache.v.astype(q.dtype)
+        if return_probs:
+            out, probs = dot_product_attention(q, k, v, mask, self.query_scale, self.softcap,
+                                               return_probs=True)
+            return self.o_proj(out), cache, probs
         out = dot_product_attention(q, k, v, mask, self.query_scale, self.softcap)
         return self.o_proj(out), cache

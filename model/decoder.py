@@ -9,6 +9,8 @@ the same program as before the other families existed.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -51,9 +53,15 @@ class Block(nnx.Module):
         self.attn_norm, self.attn, self.attn_post_norm = attn_norm, attn, attn_post_norm
         self.mlp_norm, self.mlp, self.mlp_post_norm = mlp_norm, mlp, mlp_post_norm
 
-    def __call__(self, x, mask, rope, cache=None, write_at=None):
-        """Returns (x, cache, router logits [b, t, experts] or None)."""
-        h, cache = self.attn(self.attn_norm(x), mask, rope, cache, write_at)
+    def __call__(self, x, mask, rope, cache=None, write_at=None, *, return_probs=False):
+        """Returns (x, cache, router logits [b, t, experts] or None), and with return_probs
+        the attention probabilities [b, heads, t, kv slots] fourth."""
+        probs = None
+        if return_probs:
+            h, cache, probs = self.attn(self.attn_norm(x), mask, rope, cache, write_at,
+                                        return_probs=True)
+        else:
+            h, cache = self.attn(self.attn_norm(x), mask, rope, cache, write_at)
         if self.attn_post_norm is not None:
             h = self.attn_post_norm(h)
         x = x + h
@@ -64,6 +72,8 @@ class Block(nnx.Module):
             h = self.mlp(self.mlp_norm(x))
         if self.mlp_post_norm is not None:
             h = self.mlp_post_norm(h)
+        if return_probs:
+            return x + h, cache, router_logits, probs
         return x + h, cache, router_logits
 
 
@@ -104,6 +114,17 @@ def layer_schedule(cfg: ModelConfig) -> tuple[tuple[int | None, str | None], ...
         local = attention == "sliding" and cfg.local_rope_theta is not None
         out.append((window, None if positions == "none" else "local" if local else "global"))
     return tuple(out)
+
+
+class Trace(NamedTuple):
+    """`Decoder.trace`: logits [batch, seq, vocab] float32; residual [layers + 1, batch, seq,
+    embed] (residual[0] the embeddings, residual[i] the stream after block i, before the
+    final norm: HF's hidden_states but for the last, which HF gives after the final norm);
+    attention [layers, batch, heads, seq, seq] float32 (rows sum to 1 over keys)."""
+
+    logits: jax.Array
+    residual: jax.Array
+    attention: jax.Array
 
 
 class Decoder(nnx.Module):
@@ -165,7 +186,18 @@ class Decoder(nnx.Module):
         x, new_cache, _ = self._forward(tokens, positions, attention_mask, cache)
         return x, new_cache
 
-    def _forward(self, tokens, positions, attention_mask, cache):
+    def trace(self, tokens: jax.Array, positions: jax.Array | None = None,
+              attention_mask: jax.Array | None = None) -> Trace:
+        """The forward pass with what happens inside: the logits, the residual stream
+        [layers + 1, batch, seq, embed] (the embeddings, then each block's output, before
+        the final norm) and every layer's attention probabilities [layers, batch, heads,
+        seq, seq] (float32; HF's `output_attentions`), for logit lens and attention maps."""
+        inside = {"residual": [], "attention": []}
+        x, _, _ = self._forward(tokens, positions, attention_mask, None, inside)
+        return Trace(logits=self.logits(x), residual=jnp.stack(inside["residual"]),
+                     attention=jnp.stack(inside["attention"]))
+
+    def _forward(self, tokens, positions, attention_mask, cache, inside=None):
         cfg = self.config
         segments = (jnp.ones_like(tokens, dtype=jnp.int32) if attention_mask is None
                     else attention_mask.astype(jnp.int32))
@@ -189,13 +221,21 @@ class Decoder(nnx.Module):
         call_block = _call_block if cache is not None else _remat(cfg.remat)
         for i, (block, (window, rope)) in enumerate(zip(self.layers, schedule)):
             layer_cache = cache.layers[i] if cache is not None else None
-            with jax.named_scope(f"layer_{i}"):
-                x, layer_cache, logits = call_block(block, x, masks[window], ropes.get(rope),
-                                                    layer_cache, start)
+            if inside is not None:  # Decoder.trace
+                inside["residual"].append(x)
+                x, layer_cache, logits, probs = block(x, masks[window], ropes.get(rope),
+                                                      return_probs=True)
+                inside["attention"].append(probs)
+            else:
+                with jax.named_scope(f"layer_{i}"):
+                    x, layer_cache, logits = call_block(block, x, masks[window],
+                                                        ropes.get(rope), layer_cache, start)
             x = constrain(x, ACTIVATION_AXES)
             new_layers.append(layer_cache)
             if logits is not None:
                 router_logits.append(logits)
+        if inside is not None:
+            inside["residual"].append(x)
         x = self.final_norm(x)
         new_cache = None if cache is None else KVCache(layers=tuple(new_layers),
                                                        lengths=new_lengths)
