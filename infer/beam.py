@@ -41,9 +41,9 @@ import numpy as np
 from flax import struct
 
 from flaxlm.infer.engine import Programs, decode_step, prefill
-from flaxlm.infer.generate import (MIN_NEW_BUCKET, MIN_PROMPT_BUCKET, BatchTiming, Completion,
-                                   Row, bucket)
-from flaxlm.infer.sampling import EOS_WIDTH
+from flaxlm.infer.generate import BatchTiming, Completion, Row, make_batch
+from flaxlm.infer.sampling import (MAX_LOGPROBS, _check_float, _check_ids, _check_int,
+                                   check_early_stopping, eos_table)
 from flaxlm.infer.text import TextStream
 from flaxlm.model.cache import KVCache, LayerCache
 from flaxlm.model.decoder import Decoder
@@ -52,6 +52,58 @@ from flaxlm.model.tokenizer import Tokenizer
 
 NEG = -1.0e9  # HF's additive mask for continuations that may not be chosen
 EARLY_STOPPING = {False: 0, True: 1, "never": 2}
+
+
+# ------------------------------------------------------------------ settings
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamParams:
+    """The settings of a beam search (HF `generate(num_beams=K, do_sample=False)`).
+
+    Deterministic: hypotheses are ranked by the model's log-probabilities, nothing is
+    drawn. `num_return_sequences` best hypotheses are returned, each scored
+    `sum_logprobs / generated_len ** length_penalty`; eos (unless `ignore_eos`) and
+    `stop_token_ids` end a hypothesis.
+    """
+
+    num_beams: int = 4
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False  # True, False or "never", as in HF
+    num_return_sequences: int = 1
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    prompt_logprobs: int | None = None  # None: none; k >= 0: each prompt token's, plus top-k
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        set_("num_beams", _check_int("num_beams", self.num_beams, low=1))
+        set_("max_new_tokens", _check_int("max_new_tokens", self.max_new_tokens, low=1))
+        set_("min_new_tokens", _check_int("min_new_tokens", self.min_new_tokens, 0,
+                                          self.max_new_tokens))
+        set_("length_penalty", _check_float("length_penalty", self.length_penalty,
+                                            np.isfinite, "finite"))
+        set_("early_stopping", check_early_stopping(self.early_stopping))
+        returned = _check_int("num_return_sequences", self.num_return_sequences, low=1)
+        if returned > self.num_beams:
+            raise ConfigError(f"num_return_sequences={returned} must be <= "
+                              f"num_beams={self.num_beams}")
+        set_("stop_token_ids", _check_ids("stop_token_ids", self.stop_token_ids))
+        if not isinstance(self.ignore_eos, (bool, np.bool_)):
+            raise ConfigError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        set_("ignore_eos", bool(self.ignore_eos))
+        if self.prompt_logprobs is not None:
+            set_("prompt_logprobs", _check_int("prompt_logprobs", self.prompt_logprobs, 0,
+                                               MAX_LOGPROBS))
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise ConfigError if a stop token id is outside the vocabulary."""
+        for i in self.stop_token_ids:
+            if i >= vocab_size:
+                raise ConfigError(f"stop_token_ids has token id {i}, outside the vocabulary "
+                                  f"({vocab_size})")
 
 
 # ------------------------------------------------------------------ beam helpers
@@ -71,25 +123,22 @@ def gather_beams(x: jax.Array, indices: jax.Array) -> jax.Array:
     return jax.vmap(lambda row, index: row[index])(x, indices)
 
 
-def gather_cache(cache: KVCache, indices: jax.Array, starts: jax.Array, window: int) -> KVCache:
+def gather_cache(cache: KVCache, indices: jax.Array, start: jax.Array, window: int) -> KVCache:
     """The cache with flat beam row r holding row `indices[r]`'s keys and values.
 
-    A prompt's beams share their prompt slots, so only each row's generated slots
-    [starts[r], starts[r] + window) are copied (a quarter of the cache at 64 new
-    tokens after a 128-token prompt, and 5x faster on XLA:CPU than whole rows).
-    `indices` must pick beams of the row's own prompt, and starts + window must fit.
+    A prompt's beams share their prompt slots, so only the generated slots
+    [start, start + window) of every row (where all rows write, see
+    flaxlm.model.cache) are gathered and written back in place (a quarter of the
+    cache at 64 new tokens after a 128-token prompt, and 5x faster on XLA:CPU
+    than whole rows). `indices` must pick beams of the row's own prompt.
     """
     def reorder(x: jax.Array) -> jax.Array:  # [rows, kv_heads, slots, head_dim]
-        def take(src, start):
-            return jax.lax.dynamic_slice_in_dim(x[src], start, window, axis=1)
-
-        def put(row, new, start):
-            return jax.lax.dynamic_update_slice_in_dim(row, new, start, axis=1)
-
-        return jax.vmap(put)(x, jax.vmap(take)(indices, starts), starts)
+        generated = jax.lax.dynamic_slice_in_dim(x, start, window, axis=2)
+        return jax.lax.dynamic_update_slice_in_dim(x, generated[indices], start, axis=2)
 
     layers = tuple(LayerCache(k=reorder(c.k), v=reorder(c.v)) for c in cache.layers)
-    return KVCache(layers=layers, lengths=cache.lengths[indices])
+    return cache.replace(layers=layers, lengths=cache.lengths[indices],
+                         positions=cache.positions[indices])
 
 
 def repeat_beams(tree, num_beams: int):
@@ -110,14 +159,8 @@ class BeamArrays:
     eos_ids: jax.Array         # i32[B, E], padded with -1
 
     @classmethod
-    def build(cls, rows: list[Row], batch_size: int) -> BeamArrays:
+    def build(cls, rows: list[Row], vocab_size: int, batch_size: int) -> BeamArrays:
         """Arrays for `rows`, padded to `batch_size` with one-token rows."""
-        eos_ids = np.full((batch_size, EOS_WIDTH), -1, np.int32)
-        for b, row in enumerate(rows):
-            ids = sorted(set(row.eos_ids))
-            if len(ids) > EOS_WIDTH:
-                raise ConfigError(f"eos_ids {ids} must be at most {EOS_WIDTH} ids")
-            eos_ids[b, :len(ids)] = ids
         pad = batch_size - len(rows)
 
         def column(values, fill, dtype):
@@ -129,7 +172,7 @@ class BeamArrays:
             early_stopping=column((EARLY_STOPPING[p.early_stopping] for p in params), 0, np.int32),
             min_new_tokens=column((p.min_new_tokens for p in params), 0, np.int32),
             max_new_tokens=column((p.max_new_tokens for p in params), 1, np.int32),
-            eos_ids=jnp.asarray(eos_ids))
+            eos_ids=jnp.asarray(eos_table([r.eos_ids for r in rows], vocab_size, batch_size)))
 
 
 @struct.dataclass
@@ -155,11 +198,11 @@ class BeamState:
     hyps: Hypotheses
     improvable: jax.Array   # [batch] bool: HF's is_early_stop_heuristic_unsatisfied
     done: jax.Array         # [batch] bool: the prompt's hypotheses can no longer change
-    prompt_lengths: jax.Array  # [batch * beams] where each row's generated slots start
+    generated_from: jax.Array  # [] the cache slot where every row's generated tokens start
 
 
-def _init_state(cache: KVCache, logits: jax.Array, active: jax.Array, lengths: jax.Array,
-                num_beams: int, max_new: int) -> BeamState:
+def _init_state(cache: KVCache, logits: jax.Array, active: jax.Array, num_beams: int,
+                max_new: int) -> BeamState:
     batch = active.shape[0]
     shape = (batch, num_beams)
     tokens = jnp.zeros(shape + (max_new,), jnp.int32)
@@ -171,7 +214,7 @@ def _init_state(cache: KVCache, logits: jax.Array, active: jax.Array, lengths: j
     return BeamState(cache=cache, logits=logits, step=jnp.zeros((), jnp.int32),
                      running_scores=running, running_tokens=tokens, hyps=hyps,
                      improvable=jnp.ones((batch,), bool), done=~active,
-                     prompt_lengths=jnp.repeat(lengths, num_beams))
+                     generated_from=cache.end)
 
 
 # ------------------------------------------------------------------ one search step
@@ -253,7 +296,7 @@ def search_step(state: BeamState, arrays: BeamArrays, eos_mask: jax.Array) -> Be
     beam, token = _split(index, logprobs.shape[-1])
     rows = (jnp.arange(batch)[:, None] * num_beams + beam).reshape(-1)  # [batch * beams]
     state = state.replace(
-        cache=gather_cache(state.cache, rows, state.prompt_lengths,
+        cache=gather_cache(state.cache, rows, state.generated_from,
                            state.running_tokens.shape[2]),
         step=state.step + 1, running_scores=running,
         running_tokens=_extend(state.running_tokens, beam, token, state.step), hyps=hyps)
@@ -273,8 +316,8 @@ def beam_start(model: Decoder, tokens: jax.Array, lengths: jax.Array, active: ja
     batch = tokens.shape[0]
     cache, logits = prefill(model, tokens, lengths,
                             KVCache.init(model.config, batch, cache_len).constrained())
-    return _init_state(repeat_beams(cache, num_beams), repeat_beams(logits, num_beams), active,
-                       lengths, num_beams, max_new)
+    beams = repeat_beams(cache.replace(end=None), num_beams).replace(end=cache.end)
+    return _init_state(beams, repeat_beams(logits, num_beams), active, num_beams, max_new)
 
 
 def beam_run(model: Decoder, state: BeamState, arrays: BeamArrays, limit: jax.Array
@@ -310,36 +353,18 @@ def beam_programs(programs: Programs):
 
 # ------------------------------------------------------------------ host side
 
-@dataclasses.dataclass(frozen=True)
-class _Inputs:
-    tokens: np.ndarray   # [batch, prompt_bucket]
-    lengths: np.ndarray  # [batch]
-    active: np.ndarray   # [batch] bool
-
-
-def _inputs(rows: list[Row]) -> _Inputs:
-    batch = bucket(len(rows), 1)
-    tokens = np.zeros((batch, bucket(max(len(r.prompt_ids) for r in rows), MIN_PROMPT_BUCKET)),
-                      np.int32)
-    lengths = np.ones((batch,), np.int32)
-    for i, row in enumerate(rows):
-        tokens[i, :len(row.prompt_ids)] = row.prompt_ids
-        lengths[i] = len(row.prompt_ids)
-    return _Inputs(tokens=tokens, lengths=lengths, active=np.arange(batch) < len(rows))
-
-
 def _start(programs: Programs, rows: list[Row]) -> tuple[BeamState, BeamArrays, int]:
     """The search state of `rows` (one row per prompt) before its first step, its settings
     as arrays, and the new-token bucket."""
-    x = _inputs(rows)
     params = rows[0].params
-    if any(r.params.num_beams != params.num_beams for r in rows):
-        raise ConfigError("one beam-search batch needs one num_beams")
-    max_new = bucket(max(r.params.max_new_tokens for r in rows), MIN_NEW_BUCKET)
+    if any(not isinstance(r.params, BeamParams) or r.params.num_beams != params.num_beams
+           for r in rows):
+        raise ConfigError("one beam-search batch needs one BeamParams.num_beams")
+    b = make_batch(rows, programs.config.vocab_size)
     start, _ = beam_programs(programs)
-    state = start(programs.state, x.tokens, x.lengths, x.active, num_beams=params.num_beams,
-                  cache_len=x.tokens.shape[1] + max_new, max_new=max_new)
-    return state, BeamArrays.build(rows, len(x.lengths)), max_new
+    state = start(programs.state, b.tokens, b.lengths, b.active, num_beams=params.num_beams,
+                  cache_len=b.cache_len, max_new=b.max_new)
+    return state, BeamArrays.build(rows, programs.config.vocab_size, len(b.lengths)), b.max_new
 
 
 def run_beam_batch(programs: Programs, tokenizer: Tokenizer, rows: list[Row]

@@ -44,26 +44,47 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     b.add_argument("--num-return-sequences", type=int, help="best hypotheses printed")
 
 
-_FIELDS = ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "min_p",
-           "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "n", "logprobs",
-           "num_beams", "length_penalty", "num_return_sequences")
+_SAMPLING = ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "min_p",
+             "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "n",
+             "logprobs")
+_BEAM = ("max_new_tokens", "min_new_tokens", "num_beams", "length_penalty",
+         "num_return_sequences")
 
 
 def sampling_params(args: argparse.Namespace, **defaults):
+    """SamplingParams from the flags, or BeamParams when --num-beams is given."""
+    from flaxlm.infer.beam import BeamParams
     from flaxlm.infer.sampling import SamplingParams
 
-    given = {f: getattr(args, f) for f in _FIELDS if getattr(args, f) is not None}
-    kwargs = {**defaults, **given}
+    beams = args.num_beams is not None
+    fields = _BEAM if beams else _SAMPLING
+    given = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+    kwargs = {**{k: v for k, v in defaults.items() if k in fields}, **given}
+    if args.stop_token_ids:
+        kwargs["stop_token_ids"] = tuple(args.stop_token_ids)
+    kwargs["ignore_eos"] = args.ignore_eos
+    if beams:
+        _refuse(args, "--num-beams", [f for f in _SAMPLING if f not in _BEAM] + ["logit_bias",
+                                                                                 "stop"])
+        if args.early_stopping is not None:
+            kwargs["early_stopping"] = {"true": True, "false": False}.get(args.early_stopping,
+                                                                           "never")
+        return BeamParams(**kwargs)
+    _refuse(args, "beam search (--num-beams)", ["length_penalty", "num_return_sequences",
+                                                "early_stopping"])
     if args.logit_bias:
         kwargs["logit_bias"] = dict(_parse_bias(item) for item in args.logit_bias)
     if args.stop:
         kwargs["stop"] = tuple(args.stop)
-    if args.stop_token_ids:
-        kwargs["stop_token_ids"] = tuple(args.stop_token_ids)
-    kwargs["ignore_eos"] = args.ignore_eos
-    if args.early_stopping is not None:
-        kwargs["early_stopping"] = {"true": True, "false": False}.get(args.early_stopping, "never")
     return SamplingParams(**kwargs)
+
+
+def _refuse(args: argparse.Namespace, needs: str, names: list[str]) -> None:
+    for name in names:
+        if getattr(args, name) not in (None, []):
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} does not go with {needs}" if needs.startswith("--")
+                              else f"{flag} applies to {needs} only")
 
 
 def _parse_bias(item: str) -> tuple[int, float]:
@@ -110,7 +131,11 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _stream_answer(llm, prompt, params) -> str:
-    stream, pieces = llm.stream(prompt, params), []
+    return _print_stream(llm.stream(prompt, params))
+
+
+def _print_stream(stream) -> str:
+    pieces = []
     for piece in stream:
         pieces.append(piece)
         print(piece, end="", flush=True)
@@ -135,14 +160,10 @@ def _chat_arguments(p: argparse.ArgumentParser) -> None:
 def _chat(args: argparse.Namespace) -> None:
     params = sampling_params(args, max_new_tokens=256)
     llm = _load(args)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
+    conversation = llm.conversation(params, system=args.system)
     questions = [args.prompt] if args.prompt is not None else _read_turns()
     for question in questions:
-        if not question.strip():
-            raise ConfigError("the message is empty")
-        messages.append({"role": "user", "content": question})
-        answer = _stream_answer(llm, messages, params)
-        messages.append({"role": "assistant", "content": answer})
+        _print_stream(conversation.send(question))
 
 
 def _read_turns():

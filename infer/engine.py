@@ -7,7 +7,10 @@ sampling: `start` (prefill + first token) and `run` (decode steps inside one
 `lax.while_loop`, up to a token limit given as an array). Non-streaming
 generation calls `run` once; streaming calls the same compiled `run` with a
 limit of one more token each time, so both paths give the same tokens and
-compile the same programs.
+compile the same programs. A conversation (flaxlm.infer.conversation) keeps
+its cache between turns: `feed` writes a prompt into it one fixed-size chunk
+at a time, after the tokens it shares with what the cache holds, and `begin`
+chooses the first token; then the same `run` loop.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from jax.sharding import Mesh
 
 from flaxlm.infer.sampling import SamplingArrays, TokenHistory, select_tokens
 from flaxlm.model.cache import KVCache
+from flaxlm.model.compile_cache import enable_compile_cache
 from flaxlm.model.decoder import Decoder
-from flaxlm.model.sharding import RULES, Rules, shard_model, use_sharding
+from flaxlm.model.sharding import RULES, Rules, param_shardings, use_sharding
 
 
 def prefill(model: Decoder, tokens: jax.Array, lengths: jax.Array, cache: KVCache
@@ -79,12 +83,12 @@ def _record(loop: LoopState, logits: jax.Array, sampling: SamplingArrays, top_n:
     )
 
 
-def start(model: Decoder, tokens: jax.Array, lengths: jax.Array, active: jax.Array,
-          sampling: SamplingArrays, *, cache_len: int, max_new: int, top_n: int) -> LoopState:
-    """Prefill a right-padded batch and choose every row's first token."""
+def begin(model: Decoder, cache: KVCache, logits: jax.Array, tokens: jax.Array,
+          lengths: jax.Array, active: jax.Array, sampling: SamplingArrays, *, max_new: int,
+          top_n: int) -> LoopState:
+    """The loop state after a prompt: choose every row's first token from its last logits
+    [batch, vocab]; tokens [batch, seq] hold the prompts (right-padded, for the penalties)."""
     batch = tokens.shape[0]
-    cache = KVCache.init(model.config, batch, cache_len).constrained()
-    cache, logits = prefill(model, tokens, lengths, cache)
     mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
     zeros = jnp.zeros((batch,), jnp.int32)
     loop = LoopState(
@@ -97,6 +101,27 @@ def start(model: Decoder, tokens: jax.Array, lengths: jax.Array, active: jax.Arr
         top_ids=jnp.zeros((batch, max_new, top_n), jnp.int32),
         top_logprobs=jnp.zeros((batch, max_new, top_n), jnp.float32))
     return _record(loop, logits, sampling, top_n)
+
+
+def start(model: Decoder, tokens: jax.Array, lengths: jax.Array, active: jax.Array,
+          sampling: SamplingArrays, *, cache_len: int, max_new: int, top_n: int) -> LoopState:
+    """Prefill a right-padded batch and choose every row's first token."""
+    cache = KVCache.init(model.config, tokens.shape[0], cache_len).constrained()
+    cache, logits = prefill(model, tokens, lengths, cache)
+    return begin(model, cache, logits, tokens, lengths, active, sampling, max_new=max_new,
+                 top_n=top_n)
+
+
+def feed(model: Decoder, cache: KVCache, tokens: jax.Array, lengths: jax.Array,
+         keep: jax.Array) -> tuple[KVCache, jax.Array]:
+    """One chunk of a single-row prompt into a cache that may hold an earlier prompt.
+
+    The cache keeps its first `keep` tokens ([]: what the new prompt shares with
+    what it holds); then tokens [1, chunk] (right-padded, `lengths` [1] >= 1 of
+    them real) follow. Returns the cache and the logits [1, vocab] of the chunk's
+    last token. A prompt of any length runs as calls of this one program.
+    """
+    return prefill(model, tokens, lengths, cache.truncated(keep))
 
 
 def step(model: Decoder, loop: LoopState, sampling: SamplingArrays, *, top_n: int) -> LoopState:
@@ -129,10 +154,11 @@ class Programs:
 
     def __init__(self, model: Decoder, on_compile=None, mesh: Mesh | None = None,
                  rules: Rules = RULES):
-        if mesh is not None:
-            shard_model(model, mesh, rules)
+        enable_compile_cache()
         self.mesh, self.rules = mesh, rules
         self.graphdef, self.state = nnx.split(model)
+        if mesh is not None:  # new arrays: the caller's model stays where it was
+            self.state = jax.device_put(self.state, param_shardings(self.state, mesh, rules))
         self.config = model.config
         self.compiled: dict[str, int] = {}
         self._on_compile = on_compile
@@ -167,6 +193,24 @@ class Programs:
                 return fn(nnx.merge(graphdef, state), *args, **kwargs)
 
         return program
+
+    def empty_cache(self, batch: int, cache_len: int) -> KVCache:
+        """A zero cache placed as the programs place theirs."""
+        init = self.program("cache", lambda model, *, batch, cache_len:
+                            KVCache.init(model.config, batch, cache_len).constrained(),
+                            static_argnames=("batch", "cache_len"))
+        return init(self.state, batch=batch, cache_len=cache_len)
+
+    def feed(self, cache: KVCache, tokens, lengths, keep: int) -> tuple[KVCache, jax.Array]:
+        run = self.program("feed", feed, donate_argnums=(1,))
+        return run(self.state, cache, tokens, lengths, jnp.asarray(keep, jnp.int32))
+
+    def begin(self, cache: KVCache, logits, tokens, lengths, active, sampling, *, max_new,
+              top_n) -> LoopState:
+        run = self.program("begin", begin, donate_argnums=(1,),
+                           static_argnames=("max_new", "top_n"))
+        return run(self.state, cache, logits, tokens, lengths, active, sampling,
+                   max_new=max_new, top_n=top_n)
 
     def start(self, tokens, lengths, active, sampling, *, cache_len, max_new, top_n) -> LoopState:
         return self._start(self.state, tokens, lengths, active, sampling,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -17,6 +17,7 @@ import numpy as np
 from flaxlm.infer.engine import LoopState, Programs
 from flaxlm.infer.sampling import RowSpec, SamplingArrays, SamplingParams
 from flaxlm.infer.text import TextStream
+from flaxlm.model.errors import ConfigError
 from flaxlm.model.tokenizer import Tokenizer
 
 MIN_PROMPT_BUCKET = 16
@@ -35,7 +36,7 @@ class Row:
     """One sequence to generate: a prompt, its settings and which sample it is."""
 
     prompt_ids: tuple[int, ...]
-    params: SamplingParams
+    params: SamplingParams | Any  # or flaxlm.infer.beam.BeamParams
     eos_ids: tuple[int, ...]
     sample_index: int = 0
 
@@ -61,39 +62,49 @@ class BatchTiming:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Batch:
+class Batch:
+    """Rows as arrays: prompts padded to buckets, settings checked (sampling and beams)."""
+
     rows: list[Row]
     tokens: np.ndarray   # [batch, prompt_bucket]
     lengths: np.ndarray  # [batch]
     active: np.ndarray   # [batch] bool, False for padding rows
-    sampling: SamplingArrays
-    max_new: int
-    top_n: int
+    max_new: int         # new-token bucket
+    sampling: SamplingArrays | None  # sampled rows' settings (None for beam search)
+    top_n: int           # width of the top-alternatives arrays
 
     @property
     def cache_len(self) -> int:
         return self.tokens.shape[1] + self.max_new
 
 
-def make_batch(rows: list[Row], vocab_size: int) -> _Batch:
+def make_batch(rows: list[Row], vocab_size: int, prompt_len: int | None = None) -> Batch:
+    """The one batch builder: rows padded to a power-of-two count, prompts right-padded to
+    `prompt_len` (default: a power-of-two bucket), new tokens to a bucket, prompts, settings
+    and eos ids checked against the vocabulary."""
     batch = bucket(len(rows), 1)
-    prompt_len = bucket(max(len(r.prompt_ids) for r in rows), MIN_PROMPT_BUCKET)
+    if prompt_len is None:
+        prompt_len = bucket(max(len(r.prompt_ids) for r in rows), MIN_PROMPT_BUCKET)
     tokens = np.zeros((batch, prompt_len), np.int32)
     lengths = np.ones((batch,), np.int32)
     for i, row in enumerate(rows):
+        if not row.prompt_ids or max(row.prompt_ids) >= vocab_size or min(row.prompt_ids) < 0:
+            raise ConfigError(f"row {i}: a prompt of token ids in [0, {vocab_size}) is needed")
+        row.params.check_vocab(vocab_size)
         tokens[i, :len(row.prompt_ids)] = row.prompt_ids
         lengths[i] = len(row.prompt_ids)
-    specs = [RowSpec(params=r.params, eos_ids=r.eos_ids, sample_index=r.sample_index)
-             for r in rows]
-    wants_top = any((r.params.logprobs or 0) > 0 for r in rows)
-    return _Batch(rows=rows, tokens=tokens, lengths=lengths,
-                  active=np.arange(batch) < len(rows),
-                  sampling=SamplingArrays.build(specs, vocab_size, batch),
-                  max_new=bucket(max(r.params.max_new_tokens for r in rows), MIN_NEW_BUCKET),
-                  top_n=TOP_LOGPROBS if wants_top else 0)
+    sampling, top_n = None, 0
+    if all(isinstance(r.params, SamplingParams) for r in rows):
+        specs = [RowSpec(params=r.params, eos_ids=r.eos_ids, sample_index=r.sample_index)
+                 for r in rows]
+        sampling = SamplingArrays.build(specs, vocab_size, batch)
+        top_n = TOP_LOGPROBS if any((r.params.logprobs or 0) > 0 for r in rows) else 0
+    return Batch(rows=rows, tokens=tokens, lengths=lengths, active=np.arange(batch) < len(rows),
+                 max_new=bucket(max(r.params.max_new_tokens for r in rows), MIN_NEW_BUCKET),
+                 sampling=sampling, top_n=top_n)
 
 
-def _start(programs: Programs, b: _Batch) -> LoopState:
+def _start(programs: Programs, b: Batch) -> LoopState:
     return programs.start(b.tokens, b.lengths, b.active, b.sampling,
                           cache_len=b.cache_len, max_new=b.max_new, top_n=b.top_n)
 
@@ -116,7 +127,7 @@ def run_batch(programs: Programs, tokenizer: Tokenizer, rows: list[Row]
     return done, BatchTiming(ttft_s=ttft, total_s=total, max_new_tokens=int(host.step))
 
 
-def _run_with_stop_strings(programs: Programs, b: _Batch, loop: LoopState,
+def _run_with_stop_strings(programs: Programs, b: Batch, loop: LoopState,
                            streams: list[TextStream]) -> LoopState:
     """while_loop chunks of STOP_CHECK_EVERY steps; between them the host looks for stop strings."""
     seen = 0
@@ -161,6 +172,7 @@ def _completion(host: LoopState, i: int, row: Row, stream: TextStream) -> Comple
 class StreamEnd:
     token_ids: list[int]  # the tokens generated, up to the one that completed a stop string
     finish_reason: str
+    loop: LoopState | None = None  # the final loop state (its cache holds the tokens fed)
 
     @property
     def num_tokens(self) -> int:
@@ -169,28 +181,34 @@ class StreamEnd:
 
 def stream_row(programs: Programs, tokenizer: Tokenizer, row: Row
                ) -> Iterator[tuple[str, StreamEnd | None]]:
-    """Yield (text piece, None) as tokens come; the last item is ("", StreamEnd).
+    """Yield (text piece, None) as tokens come; the last item is ("", StreamEnd)."""
+    b = make_batch([row], programs.config.vocab_size)
+    return stream_loop(programs, tokenizer, _start(programs, b), b)
+
+
+def stream_loop(programs: Programs, tokenizer: Tokenizer, loop: LoopState, b: Batch
+                ) -> Iterator[tuple[str, StreamEnd | None]]:
+    """Stream the one row of batch `b` from `loop`, the state after its first token.
 
     Each token is one call of the `run` program with a limit one token further.
-    The next call is dispatched before the current token is detokenized, so the
-    host's work overlaps the device's.
+    The row's last token is read whole (no slicing op, which would compile per
+    step index) before that call donates the state; the call is dispatched
+    before the token is detokenized, so the host's work overlaps the device's.
     """
-    b = make_batch([row], programs.config.vocab_size)
-    stream = TextStream(tokenizer, row.params.stop)
-    loop = _start(programs, b)
+    stream = TextStream(tokenizer, b.rows[0].params.stop)
     step = 1
     while True:
-        token, done = loop.tokens[0, step - 1], loop.done[0]  # sliced before `run` donates loop
-        if step < b.max_new:
+        last, finished = jax.device_get((loop.last_tokens, loop.done))
+        token, done = int(last[0]), bool(finished[0])
+        if step < b.max_new and not done:
             loop = programs.run(loop, b.sampling, step + 1, top_n=b.top_n)
-        token, done = (int(x) for x in jax.device_get((token, done)))
         piece = stream.push([token])
         if piece:
             yield piece, None
         if done or stream.stopped or step >= b.max_new:
             break
         step += 1
-    tail = stream.finish("stop" if bool(jax.device_get(loop.stopped[0])) else "length")
+    tail = stream.finish("stop" if jax.device_get(loop.stopped)[0] else "length")
     if tail:
         yield tail, None
-    yield "", StreamEnd(token_ids=stream.token_ids, finish_reason=stream.finish_reason)
+    yield "", StreamEnd(token_ids=stream.token_ids, finish_reason=stream.finish_reason, loop=loop)

@@ -11,7 +11,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 from jax.sharding import Mesh
 
-from flaxlm.infer.beam import run_beam_batch
+from flaxlm.infer.beam import BeamParams, run_beam_batch
+from flaxlm.infer.conversation import DEFAULT_CAPACITY, Conversation
 from flaxlm.infer.embedding import POOLINGS, embed_ids
 from flaxlm.infer.engine import Programs
 from flaxlm.infer.generate import TOP_LOGPROBS, Completion, Row, StreamEnd, run_batch, stream_row
@@ -20,6 +21,7 @@ from flaxlm.infer.scoring import (Item, Loglikelihood, RollingLoglikelihood, enc
                                   harness_encode, prefix_token_id, rolling_items, score_items)
 from flaxlm.infer.trace import TraceResult, trace_ids
 from flaxlm.model.decoder import Decoder
+from flaxlm.model.compile_cache import enable_compile_cache
 from flaxlm.model.errors import ConfigError
 from flaxlm.model.loading import load
 from flaxlm.model.sharding import make_mesh
@@ -31,6 +33,7 @@ Prompt = str | Sequence[int]
 Messages = Sequence[Mapping[str, Any]]
 Request = tuple[str, str] | tuple[Sequence[int], Sequence[int]]
 Progress = Callable[[int], None] | None  # called with how many requests a step finished
+Params = SamplingParams | BeamParams
 
 
 @dataclasses.dataclass
@@ -87,6 +90,7 @@ class LLM:
         mesh: a `jax.sharding.Mesh` with axes data/fsdp/tensor, or their sizes
         ({"data": 2, "tensor": 4} or "data=2,tensor=4") to shard the model over."""
         mesh = make_mesh(mesh) if mesh is not None else None  # checked before loading
+        enable_compile_cache()  # before loading compiles anything
         model, tokenizer = load(name_or_path, dtype=dtype, quantize=quantize)
         return cls(model, tokenizer, max_batch=max_batch, verbose=verbose, mesh=mesh)
 
@@ -103,15 +107,16 @@ class LLM:
 
     # ------------------------------------------------------------------ generate
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None,
+    def generate(self, prompts: Prompt | Sequence[Prompt], params: Params | None = None,
                  *, truncate: bool = False) -> list[GenerationResult]:
-        """One result per prompt (a string or a list of token ids)."""
+        """One result per prompt (a string or a list of token ids); `SamplingParams` sample,
+        `BeamParams` run a beam search."""
         params = params or SamplingParams()
         prompt_ids = [self._prompt_ids(p, i, params, truncate)
                       for i, p in enumerate(_as_list(prompts))]
         return self._generate(prompt_ids, params)
 
-    def chat(self, messages: Messages | Sequence[Messages], params: SamplingParams | None = None,
+    def chat(self, messages: Messages | Sequence[Messages], params: Params | None = None,
              *, truncate: bool = False) -> GenerationResult | list[GenerationResult]:
         """Reply to one conversation (a list of {role, content}) or to a list of them."""
         params = params or SamplingParams()
@@ -131,27 +136,32 @@ class LLM:
         """An iterator of text pieces as they are generated (one prompt, or one chat
         conversation); after it ends it also holds token counts and timings."""
         params = params or SamplingParams()
-        if params.n != 1:
-            raise ConfigError(f"stream generates one sequence; got n={params.n}")
-        if params.num_beams > 1:
+        if isinstance(params, BeamParams):
             raise ConfigError(f"stream cannot show beam search (num_beams={params.num_beams}): "
                               "no token is final before the search ends; use generate")
+        if params.n != 1:
+            raise ConfigError(f"stream generates one sequence; got n={params.n}")
         if isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], Mapping):
             prompt = self.chat_prompt_ids(prompt)
         ids = self._prompt_ids(prompt, 0, params, truncate)
         row = self._rows([ids], params)[0]
         return TextStreamer(stream_row(self.programs, self.tokenizer, row))
 
-    def _generate(self, prompt_ids: list[list[int]], params: SamplingParams
-                  ) -> list[GenerationResult]:
-        results = (self._generate_beams(prompt_ids, params) if params.num_beams > 1
+    def conversation(self, params: SamplingParams | None = None, *, system: str | None = None,
+                     capacity: int = DEFAULT_CAPACITY) -> Conversation:
+        """A chat that keeps its KV cache between turns: `conversation.send(message)` streams
+        each reply (a TextStreamer) and feeds the model only the turn's new tokens."""
+        return Conversation(self, params, system=system, capacity=capacity)
+
+    def _generate(self, prompt_ids: list[list[int]], params: Params) -> list[GenerationResult]:
+        results = (self._generate_beams(prompt_ids, params) if isinstance(params, BeamParams)
                    else self._generate_samples(prompt_ids, params))
         if params.prompt_logprobs is not None:
             for result, logprobs in zip(results, self._prompt_logprobs(prompt_ids, params)):
                 result.prompt_logprobs = logprobs
         return results
 
-    def _prompt_logprobs(self, prompt_ids: list[list[int]], params: SamplingParams
+    def _prompt_logprobs(self, prompt_ids: list[list[int]], params: Params
                          ) -> list[list[dict[int, float] | None]]:
         """Every prompt token's logprob given the tokens before it, with the k best others."""
         k = params.prompt_logprobs
@@ -188,7 +198,7 @@ class LLM:
                                             time_per_output_token_s=(t.total_s - t.ttft_s) / steps))
         return results
 
-    def _generate_beams(self, prompt_ids: list[list[int]], params: SamplingParams
+    def _generate_beams(self, prompt_ids: list[list[int]], params: BeamParams
                         ) -> list[GenerationResult]:
         """Beam search, max_batch // num_beams prompts per batch; outputs: the best hypotheses."""
         rows = self._rows(prompt_ids, params)
@@ -202,13 +212,14 @@ class LLM:
                         for row, outs in zip(rows[i:i + per_batch], outputs)]
         return results
 
-    def _rows(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[Row]:
+    def _rows(self, prompt_ids: list[list[int]], params: Params) -> list[Row]:
         eos = () if params.ignore_eos else tuple(self.tokenizer.eos_token_ids)
         eos = tuple(dict.fromkeys(eos + tuple(params.stop_token_ids)))
+        samples = params.n if isinstance(params, SamplingParams) else 1
         return [Row(prompt_ids=tuple(ids), params=params, eos_ids=eos, sample_index=s)
-                for ids in prompt_ids for s in range(params.n)]
+                for ids in prompt_ids for s in range(samples)]
 
-    def _prompt_ids(self, prompt: Prompt, index: int, params: SamplingParams,
+    def _prompt_ids(self, prompt: Prompt, index: int, params: Params,
                     truncate: bool) -> list[int]:
         """Token ids of one prompt, checked against the vocabulary and the context."""
         if isinstance(prompt, str):

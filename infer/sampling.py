@@ -96,46 +96,27 @@ _FLOAT_RULES = {  # setting: (allowed, how the message describes it)
 }
 
 
-# What beam search needs of the sampling settings: it ranks hypotheses by the raw
-# log-probabilities and draws nothing (HF's do_sample=False).
-_BEAM_NEUTRAL = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0,
-                 "presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": None,
-                 "stop": (), "seed": None, "n": 1, "logprobs": None}
-
-
-def _check_beam_settings(params, set_):
-    beams = _check_int("num_beams", params.num_beams, low=1)
-    set_("num_beams", beams)
-    set_("length_penalty", _check_float("length_penalty", params.length_penalty, math.isfinite,
-                                        "finite"))
-    mode = params.early_stopping
+def check_early_stopping(mode) -> bool | str:
+    """Beam search's early_stopping: True, False or "never", as in HF."""
     if isinstance(mode, (bool, np.bool_)):
-        set_("early_stopping", bool(mode))
-    elif not isinstance(mode, str) or mode != "never":
+        return bool(mode)
+    if not isinstance(mode, str) or mode != "never":
         raise ConfigError(f'early_stopping must be True, False or "never", got {mode!r}')
-    returned = 1 if params.num_return_sequences is None else params.num_return_sequences
-    returned = _check_int("num_return_sequences", returned, low=1)
-    if returned > beams:
-        raise ConfigError(f"num_return_sequences={returned} must be <= num_beams={beams}")
-    set_("num_return_sequences", returned)
-    if beams == 1:
-        for name, default in (("length_penalty", 1.0), ("early_stopping", False)):
-            if getattr(params, name) != default:
-                raise ConfigError(f"{name}={getattr(params, name)!r} applies to beam search "
-                                  "only: set num_beams > 1")
-        return
-    bad = [(name, getattr(params, name)) for name, neutral in _BEAM_NEUTRAL.items()
-           if getattr(params, name) != neutral]
-    if params.temperature not in (0.0, 1.0):
-        bad.insert(0, ("temperature", params.temperature))
-    if bad:
-        name, value = bad[0]
-        raise ConfigError(
-            f"{name}={value!r} cannot be combined with num_beams={beams}: beam search is "
-            "deterministic and ranks hypotheses by the model's log-probabilities (HF's "
-            "do_sample=False), so it takes no temperature (other than 0 or 1), top_k, top_p, "
-            "min_p, penalties, logit_bias, seed, n, logprobs or stop strings; use "
-            "num_return_sequences for several outputs and stop_token_ids to end hypotheses")
+    return mode
+
+
+_BEAM_ONLY = ("num_beams", "length_penalty", "early_stopping", "num_return_sequences")
+
+
+def _refuse_beam_settings(given: dict) -> None:
+    """SamplingParams(num_beams=...) of earlier versions: name the type that takes them."""
+    given = {k: v for k, v in given.items() if v is not None and not (k == "num_beams" and v == 1)}
+    if given:
+        settings = ", ".join(f"{k}={v!r}" for k, v in given.items())
+        raise ConfigError(f"{settings}: beam-search settings are a type of their own; use "
+                          f"flaxlm.infer.BeamParams({settings}, max_new_tokens=...) instead of "
+                          "SamplingParams (beam search samples nothing, so it takes no "
+                          "temperature, top-k/p, penalties, seed, n, logprobs or stop strings)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,12 +140,15 @@ class SamplingParams:
     n: int = 1
     logprobs: int | None = None  # None: none; 0: chosen token only; k: plus top-k
     prompt_logprobs: int | None = None  # None: none; k >= 0: each prompt token's, plus top-k
-    num_beams: int = 1  # > 1: beam search (HF semantics), deterministic
-    length_penalty: float = 1.0  # beam score: sum_logprobs / generated_len ** length_penalty
-    early_stopping: bool | str = False  # beam search: True, False or "never", as in HF
-    num_return_sequences: int | None = None  # best hypotheses returned; None: 1
+    # Beam search takes flaxlm.infer.BeamParams; these are accepted only to say so.
+    num_beams: dataclasses.InitVar[int | None] = None
+    length_penalty: dataclasses.InitVar[float | None] = None
+    early_stopping: dataclasses.InitVar[bool | str | None] = None
+    num_return_sequences: dataclasses.InitVar[int | None] = None
 
-    def __post_init__(self):
+    def __post_init__(self, num_beams, length_penalty, early_stopping, num_return_sequences):
+        _refuse_beam_settings(dict(zip(_BEAM_ONLY, (num_beams, length_penalty, early_stopping,
+                                                    num_return_sequences))))
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
         set_("max_new_tokens", _check_int("max_new_tokens", self.max_new_tokens, low=1))
         set_("min_new_tokens", _check_int("min_new_tokens", self.min_new_tokens, 0, self.max_new_tokens))
@@ -185,7 +169,6 @@ class SamplingParams:
         if self.prompt_logprobs is not None:
             set_("prompt_logprobs", _check_int("prompt_logprobs", self.prompt_logprobs, 0,
                                                MAX_LOGPROBS))
-        _check_beam_settings(self, set_)
 
     @property
     def is_greedy(self) -> bool:
@@ -211,6 +194,18 @@ class RowSpec:
 
 
 _PADDING_ROW = RowSpec(SamplingParams(max_new_tokens=1, temperature=0.0, seed=0))
+
+
+def eos_table(eos_ids: Sequence[Sequence[int]], vocab_size: int, batch_size: int) -> np.ndarray:
+    """Each row's eos/stop token ids, checked, as int32 [batch_size, EOS_WIDTH] padded with -1
+    (sampling and beam search alike)."""
+    table = np.full((batch_size, EOS_WIDTH), -1, np.int32)
+    for b, row in enumerate(eos_ids):
+        ids = sorted(set(_check_ids("eos_ids", row)))
+        if len(ids) > EOS_WIDTH or (ids and ids[-1] >= vocab_size):
+            raise ConfigError(f"eos_ids {ids} must be at most {EOS_WIDTH} ids below {vocab_size}")
+        table[b, :len(ids)] = ids
+    return table
 
 
 def _row_keys(seeds: list[int], sample_indices: list[int]) -> jax.Array:
@@ -258,15 +253,11 @@ class SamplingArrays:
         column = lambda name, dtype: np.array([getattr(p, name) for p in params], dtype)  # noqa: E731
         sampled = np.array([not p.is_greedy for p in params])
         logit_bias = np.zeros((batch_size, vocab_size), np.float32)  # [B, V]
-        eos_ids = np.full((batch_size, EOS_WIDTH), -1, np.int32)  # [B, E]
         for b, row in enumerate(rows):
             row.params.check_vocab(vocab_size)
             for token, bias in row.params.logit_bias or ():
                 logit_bias[b, token] = bias
-            ids = sorted(set(_check_ids("eos_ids", row.eos_ids)))
-            if len(ids) > EOS_WIDTH or (ids and ids[-1] >= vocab_size):
-                raise ConfigError(f"eos_ids {ids} must be at most {EOS_WIDTH} ids below {vocab_size}")
-            eos_ids[b, : len(ids)] = ids
+        eos_ids = eos_table([r.eos_ids for r in rows], vocab_size, batch_size)
         seeds = [secrets.randbits(31) if p.seed is None else p.seed for p in params]
         indices = [_check_int("sample_index", r.sample_index, 0, 2**32 - 1) for r in rows]
         return cls(

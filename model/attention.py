@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flaxlm.model.cache import LayerCache, write_rows
+from flaxlm.model.cache import LayerCache, write
 from flaxlm.model.layers import Einsum, Norm, NormSpec
 from flaxlm.model.rope import RopeTable, apply_rope
 
@@ -34,6 +34,43 @@ def attention_mask(q_positions: jax.Array, q_segments: jax.Array,
     return mask
 
 
+def _grouped(q: jax.Array, kv_heads: int, scale: float) -> jax.Array:
+    """q [b, t, heads, h] -> [b, kv_heads, group * t, h], scaled: each kv head's query rows."""
+    b, t, n, h = q.shape
+    g = n // kv_heads
+    return (q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4)
+            .reshape(b, kv_heads, g * t, h) * scale)
+
+
+def _ungrouped(out: jax.Array, t: int) -> jax.Array:
+    """[b, kv_heads, group * t, h] -> [b, t, heads, h]."""
+    b, kv_heads, gt, h = out.shape
+    g = gt // t
+    return out.reshape(b, kv_heads, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, kv_heads * g, h)
+
+
+_BATCH_DIMS = ((0, 1), (0, 1))
+
+
+def _masked_logits(q: jax.Array, k: jax.Array, mask: jax.Array, t: int,
+                   softcap: float | None) -> jax.Array:
+    """Grouped q [b, kv, g * t, h], k [b, kv, s, h], mask [b, t, s] -> [b, kv, g, t, s] f32."""
+    b, kv_heads, gt, _ = q.shape
+    logits = jax.lax.dot_general(q, k.astype(q.dtype), (((3,), (3,)), _BATCH_DIMS),
+                                 preferred_element_type=jnp.float32)  # [b, kv, g * t, s]
+    if softcap is not None:
+        logits = jnp.tanh(logits / softcap) * softcap
+    logits = logits.reshape(b, kv_heads, gt // t, t, k.shape[2])
+    return jnp.where(mask[:, None, None, :, :], logits, _MASK_VALUE)
+
+
+def _weighted(probs: jax.Array, v: jax.Array) -> jax.Array:
+    """probs [b, kv, g, t, s] f32, v [b, kv, s, h] -> [b, kv, g * t, h]."""
+    b, kv_heads, g, t, s = probs.shape
+    probs = probs.astype(v.dtype).reshape(b, kv_heads, g * t, s)
+    return jax.lax.dot_general(probs, v, (((3,), (2,)), _BATCH_DIMS))
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                           scale: float, softcap: float | None = None, *,
                           return_probs: bool = False):
@@ -45,25 +82,37 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     Queries are multiplied by `scale`; with `softcap` the logits become
     softcap * tanh(logits / softcap) before masking (Gemma 2).
     """
-    b, t, n, h = q.shape
-    kv_heads, s = k.shape[1], k.shape[2]
-    g = n // kv_heads
-    q = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, h)
-    q = q * scale
-    batch_dims = ((0, 1), (0, 1))
-    logits = jax.lax.dot_general(q, k.astype(q.dtype), (((3,), (3,)), batch_dims),
-                                 preferred_element_type=jnp.float32)  # [b, kv, g * t, s]
-    if softcap is not None:
-        logits = jnp.tanh(logits / softcap) * softcap
-    logits = logits.reshape(b, kv_heads, g, t, s)
-    logits = jnp.where(mask[:, None, None, :, :], logits, _MASK_VALUE)
+    b, t, n, _ = q.shape
+    logits = _masked_logits(_grouped(q, k.shape[1], scale), k, mask, t, softcap)
     probs32 = jax.nn.softmax(logits, axis=-1)  # [b, kv, g, t, s]
-    probs = probs32.astype(v.dtype).reshape(b, kv_heads, g * t, s)
-    out = jax.lax.dot_general(probs, v, (((3,), (2,)), batch_dims))  # [b, kv, g * t, h]
-    out = out.reshape(b, kv_heads, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+    out = _ungrouped(_weighted(probs32, v), t)
     if return_probs:  # query head kv * g + j attends with kv head kv
-        return out, probs32.reshape(b, n, t, s)
+        return out, probs32.reshape(b, n, t, k.shape[2])
     return out
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: LayerCache,
+                     masks: tuple[jax.Array, jax.Array], scale: float,
+                     softcap: float | None = None) -> jax.Array:
+    """Attention over the cache as it was and the new tokens' own keys/values, one softmax.
+
+    q [b, t, heads, h]; k/v [b, kv_heads, t, h] of the new tokens; masks: ([b, t, slots]
+    over the cache's slots, [b, t, t] among the new tokens). The cache is only read here,
+    so the write that follows is the only user of the written buffer and XLA makes it in
+    place (reading the written cache instead made XLA:CPU fuse a second copy of the write
+    into the attention dots, and copy every layer's cache at every decode step).
+    """
+    t = q.shape[1]
+    grouped = _grouped(q, k.shape[1], scale)
+    old = _masked_logits(grouped, cache.k, masks[0], t, softcap)  # [b, kv, g, t, slots]
+    new = _masked_logits(grouped, k, masks[1], t, softcap)        # [b, kv, g, t, t]
+    top = jnp.maximum(old.max(-1, keepdims=True), new.max(-1, keepdims=True))
+    old, new = jnp.exp(old - top), jnp.exp(new - top)
+    total = old.sum(-1) + new.sum(-1)  # [b, kv, g, t]
+    out = _weighted(old, cache.v.astype(v.dtype)) + _weighted(new, v)  # [b, kv, g * t, h]
+    b, kv_heads, g, _ = total.shape
+    out = out / total.reshape(b, kv_heads, g * t, 1).astype(out.dtype)
+    return _ungrouped(out, t)
 
 
 class Attention(nnx.Module):
@@ -98,8 +147,9 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, mask: jax.Array, rope: RopeTable | None,
                  cache: LayerCache | None = None, write_at: jax.Array | None = None, *,
                  return_probs: bool = False):
-        """x [b, t, d], mask [b, t, kv slots]; returns (out [b, t, d], updated cache or None),
-        and with return_probs the attention probabilities [b, heads, t, kv slots] third."""
+        """x [b, t, d], mask [b, t, t] (with a cache: the pair of `cached_attention`); returns
+        (out [b, t, d], updated cache or None), and with return_probs the attention
+        probabilities [b, heads, t, t] third."""
         q = self.q_proj(x)  # [b, t, heads, h]
         k = self.k_proj(x)  # [b, t, kv_heads, h]
         v = self.v_proj(x)
@@ -108,10 +158,14 @@ class Attention(nnx.Module):
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv_heads, t, h]
-        if cache is not None:
-            cache = LayerCache(k=write_rows(cache.k, k, write_at),
-                               v=write_rows(cache.v, v, write_at))
-            k, v = cache.k.astype(q.dtype), cache.v.astype(q.dtype)
+        if cache is not None:  # mask: (over the cache's slots, among the new tokens)
+            out = cached_attention(q, k, v, cache, mask, self.query_scale, self.softcap)
+            # A zero that depends on the attention's output orders the write after the
+            # read, so XLA can write the buffer in place (float x * 0 is not folded).
+            after = out[:1, :1, :1, :1].astype(k.dtype) * 0
+            cache = LayerCache(k=write(cache.k, k + after, write_at),
+                               v=write(cache.v, v + after, write_at))
+            return self.o_proj(out), cache
         if return_probs:
             out, probs = dot_product_attention(q, k, v, mask, self.query_scale, self.softcap,
                                                return_probs=True)

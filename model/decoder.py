@@ -141,7 +141,9 @@ class Decoder(nnx.Module):
                      `positions` given, for masks segment ids cannot express
                      (several continuations sharing one context in a row).
       cache          a `KVCache`; the new tokens' keys/values are written at
-                     slots `cache.lengths` of each row (prompts right-padded).
+                     slots `cache.end ...` of every row (prompts right-padded; a
+                     row's padding is never attended to). The caller keeps
+                     `cache.end + seq <= cache.max_len`.
     Returns logits [batch, seq, vocab] in float32, and the updated cache when
     one was given.
     """
@@ -207,7 +209,7 @@ class Decoder(nnx.Module):
                 raise ValueError("an explicit [batch, seq, seq] attention mask needs positions")
             positions = start[:, None] + jnp.maximum(jnp.cumsum(segments != 0, axis=1) - 1, 0)
         schedule = layer_schedule(cfg)
-        masks, new_lengths = self._masks(positions, segments, cache, {w for w, _ in schedule})
+        masks, written = self._masks(positions, segments, cache, {w for w, _ in schedule})
         ropes = self._ropes(positions, {r for _, r in schedule} - {None})
 
         x = self.embed(tokens)  # [batch, seq, embed]
@@ -228,8 +230,9 @@ class Decoder(nnx.Module):
                 inside["attention"].append(probs)
             else:
                 with jax.named_scope(f"layer_{i}"):
-                    x, layer_cache, logits = call_block(block, x, masks[window],
-                                                        ropes.get(rope), layer_cache, start)
+                    x, layer_cache, logits = call_block(block, x, masks[window], ropes.get(rope),
+                                                        layer_cache, None if cache is None
+                                                        else cache.end)
             x = constrain(x, ACTIVATION_AXES)
             new_layers.append(layer_cache)
             if logits is not None:
@@ -237,8 +240,7 @@ class Decoder(nnx.Module):
         if inside is not None:
             inside["residual"].append(x)
         x = self.final_norm(x)
-        new_cache = None if cache is None else KVCache(layers=tuple(new_layers),
-                                                       lengths=new_lengths)
+        new_cache = None if cache is None else written.replace(layers=tuple(new_layers))
         return x, new_cache, tuple(router_logits)
 
     def _ropes(self, positions, kinds):
@@ -254,7 +256,9 @@ class Decoder(nnx.Module):
         return tables
 
     def _masks(self, positions, segments, cache, windows):
-        """One mask [batch, seq, kv slots] per distinct window, and the new cache lengths."""
+        """One mask [batch, seq, seq] per distinct window (with a cache a pair: over its
+        slots [batch, seq, slots] and among the new tokens), and with a cache its
+        bookkeeping after this call (`KVCache.written`, layers not yet written)."""
         if segments.ndim == 3:  # an explicit [batch, q, kv] mask
             if cache is not None:
                 raise ValueError("an explicit [batch, seq, seq] attention mask takes no cache")
@@ -264,13 +268,14 @@ class Decoder(nnx.Module):
         if cache is None:
             return {w: attention_mask(positions, segments, positions, segments, w)
                     for w in windows}, None
-        new_lengths = cache.lengths + jnp.sum(segments != 0, axis=1, dtype=jnp.int32)
-        slots = jnp.arange(cache.max_len, dtype=jnp.int32)[None, :]
-        slots = jnp.broadcast_to(slots, (segments.shape[0], cache.max_len))
-        kv_segments = (slots < new_lengths[:, None]).astype(jnp.int32)
         q_segments = (segments != 0).astype(jnp.int32)
-        return {w: attention_mask(positions, q_segments, slots, kv_segments, w)
-                for w in windows}, new_lengths
+        held = (cache.positions >= 0).astype(jnp.int32)  # [batch, slots]
+
+        def pair(w):  # (over the cache's slots, among the new tokens)
+            return (attention_mask(positions, q_segments, cache.positions, held, w),
+                    attention_mask(positions, q_segments, positions, q_segments, w))
+
+        return {w: pair(w) for w in windows}, cache.written(positions, segments != 0)
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Output logits [..., vocab] (float32) from final hidden states [..., embed]."""

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from flaxlm.model.errors import ConfigError
 
@@ -129,12 +129,21 @@ class MeshShape:
 
 def make_mesh(shape: str | Mapping[str, int] | MeshShape | Mesh,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with axes (data, fsdp, expert, tensor) over `devices` (default: all)."""
+    """A mesh with axes (data, fsdp, expert, tensor) over `devices` (default: all).
+
+    A given `Mesh` may have Auto or Explicit axes (`jax.make_mesh` makes Explicit ones):
+    flaxlm's programs place values by the rules table and let XLA partition the rest,
+    so they run on the same devices and axes seen as Auto.
+    """
     if isinstance(shape, Mesh):
         missing = set(MESH_AXES) - set(shape.axis_names)
         if missing:
             raise ConfigError(f"a mesh needs the axes {MESH_AXES}; this one has {shape.axis_names}")
-        return shape
+        manual = [n for n, t in zip(shape.axis_names, shape.axis_types) if t == AxisType.Manual]
+        if manual:
+            raise ConfigError(f"mesh axes {manual} are Manual (inside shard_map); flaxlm needs "
+                              "Auto or Explicit axes")
+        return shape.update(axis_types=(AxisType.Auto,) * len(shape.axis_names))
     devices = list(devices if devices is not None else jax.devices())
     sizes = MeshShape.parse(shape).resolve(len(devices))
     grid = np.asarray(devices).reshape(tuple(sizes[a] for a in MESH_AXES))

@@ -75,7 +75,11 @@ def main(argv=None) -> int:
     for batch in args.batch or [1, 4, 8]:
         def fresh():
             cache = KVCache.init(model.config, batch, args.cache_len)
-            return cache.replace(lengths=jnp.full((batch,), args.prompt_len, jnp.int32))
+            slots = jnp.arange(args.cache_len, dtype=jnp.int32)
+            held = jnp.where(slots < args.prompt_len, slots, -1)  # a prompt's slots
+            return cache.replace(lengths=jnp.full((batch,), args.prompt_len, jnp.int32),
+                                 positions=jnp.broadcast_to(held, (batch, args.cache_len)),
+                                 end=jnp.asarray(args.prompt_len, jnp.int32))
 
         tokens = jnp.zeros((batch,), jnp.int32)
         jax.block_until_ready(run(state, fresh(), tokens))

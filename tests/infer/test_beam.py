@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-from flaxlm.infer.beam import beam_steps, run_beam_batch
+from flaxlm.infer.beam import BeamParams, beam_steps, run_beam_batch
 from flaxlm.infer.llm import LLM
 from flaxlm.infer.sampling import SamplingParams
 from flaxlm.model import ConfigError
@@ -88,8 +88,8 @@ def _prompts(vocab, seed):
 
 def _params(num_beams, eos, **settings):
     """Beam settings with `eos` (a tuple of ids, maybe empty) as the only eos ids."""
-    return SamplingParams(num_beams=num_beams, max_new_tokens=NEW, ignore_eos=True,
-                          stop_token_ids=eos, **settings)
+    return BeamParams(num_beams=num_beams, max_new_tokens=NEW, ignore_eos=True,
+                      stop_token_ids=eos, **settings)
 
 
 def _settings(params, eos) -> Settings:
@@ -328,17 +328,18 @@ def test_finished_hypotheses_in_another_order_fail():
 
 
 def test_one_beam_is_greedy(llama):
-    """The beam program with K=1 (early_stopping=False) chooses greedy's tokens, and its
-    score is greedy's summed logprob over the length; num_beams=1 through `generate` is
-    the greedy path itself."""
+    """The beam program with K=1 (early_stopping=False, through `generate` and directly)
+    chooses greedy's tokens, and its score is greedy's summed logprob over the length."""
     hf_model, llm, _ = llama
     prompts = _prompts(llm.config.vocab_size, seed=7)
     free = hf_greedy(hf_model, prompts[1], NEW, eos=None)
     eos = free[6]
-    params = SamplingParams(temperature=0, num_beams=1, max_new_tokens=NEW, ignore_eos=True,
+    params = SamplingParams(temperature=0, max_new_tokens=NEW, ignore_eos=True,
                             stop_token_ids=(eos,))
     greedy = llm.generate(prompts, params)
-    beams, _ = run_beam_batch(llm.programs, llm.tokenizer, llm._rows(prompts, params))
+    one = BeamParams(num_beams=1, max_new_tokens=NEW, ignore_eos=True, stop_token_ids=(eos,))
+    beams, _ = run_beam_batch(llm.programs, llm.tokenizer, llm._rows(prompts, one))
+    assert [r.token_ids for r in llm.generate(prompts, one)] == [b[0].token_ids for b in beams]
     for i, (prompt, g, b) in enumerate(zip(prompts, greedy, beams)):
         compare_greedy(hf_model, prompt, g.token_ids, tol=TINY_TOL, max_new=NEW, eos=eos,
                        label=f"greedy prompt {i}")
@@ -350,22 +351,22 @@ def test_one_beam_is_greedy(llama):
 
 def test_other_beam_settings_compile_nothing_new(llama):
     llm = llama[1]
-    llm.generate("The quick brown fox", SamplingParams(num_beams=4, max_new_tokens=20))
+    llm.generate("The quick brown fox", BeamParams(num_beams=4, max_new_tokens=20))
     before = llm.num_compiled
     for i, extra in enumerate([dict(length_penalty=2.0), dict(length_penalty=-0.5),
                                dict(early_stopping=True, min_new_tokens=3, num_return_sequences=4),
                                dict(early_stopping="never", stop_token_ids=(3, 4),
                                     ignore_eos=True, num_return_sequences=2)]):
         llm.generate(("Hello", "Hello, world!", "The lazy dog", "fox")[i],  # same prompt bucket
-                     SamplingParams(num_beams=4, max_new_tokens=17 + i, **extra))
+                     BeamParams(num_beams=4, max_new_tokens=17 + i, **extra))
     assert llm.num_compiled == before
 
 
 def test_results_best_first_with_scores(llama):
     """Text prompts through the text API; each score is HF's score of that hypothesis."""
     hf_model, llm, _ = llama
-    params = SamplingParams(num_beams=4, num_return_sequences=3, max_new_tokens=20,
-                            length_penalty=0.5)
+    params = BeamParams(num_beams=4, num_return_sequences=3, max_new_tokens=20,
+                        length_penalty=0.5)
     result = llm.generate("The quick brown fox", params)[0]
     assert len(result.outputs) == 3 and result.text == result.outputs[0].text
     scores = [o.score for o in result.outputs]
@@ -383,28 +384,36 @@ def test_results_best_first_with_scores(llama):
 @pytest.mark.parametrize("settings, message", [
     (dict(num_beams=0), "num_beams"),
     (dict(num_beams=4, num_return_sequences=5), "num_return_sequences=5 must be <= num_beams=4"),
-    (dict(num_return_sequences=2), "num_return_sequences"),
-    (dict(num_beams=2, temperature=0.7), "temperature=0.7 cannot be combined with num_beams"),
-    (dict(num_beams=2, top_k=5), "top_k=5 cannot be combined"),
-    (dict(num_beams=2, top_p=0.9), "top_p"),
-    (dict(num_beams=2, repetition_penalty=1.2), "repetition_penalty"),
-    (dict(num_beams=2, seed=1), "seed"),
-    (dict(num_beams=2, n=2), "n=2"),
-    (dict(num_beams=2, logprobs=1), "logprobs"),
-    (dict(num_beams=2, stop=["x"]), "stop"),
+    (dict(num_beams=2, num_return_sequences=0), "num_return_sequences"),
     (dict(num_beams=2, early_stopping="sometimes"), "early_stopping"),
     (dict(num_beams=2, length_penalty=float("nan")), "length_penalty"),
-    (dict(length_penalty=2.0), "length_penalty=2.0 applies to beam search only"),
-    (dict(early_stopping=True), "early_stopping"),
+    (dict(num_beams=2, max_new_tokens=4, min_new_tokens=5), "min_new_tokens"),
+    (dict(num_beams=2, stop_token_ids=[-1]), "stop_token_ids"),
 ])
 def test_bad_beam_settings(settings, message):
     with pytest.raises(ConfigError, match=message):
+        BeamParams(**settings)
+
+
+@pytest.mark.parametrize("settings", [dict(num_beams=2), dict(length_penalty=2.0),
+                                      dict(temperature=0.7, num_beams=4, early_stopping=True),
+                                      dict(num_return_sequences=2)])
+def test_beam_settings_in_sampling_params_name_beam_params(settings):
+    """SamplingParams(num_beams=...) of earlier versions: an error that says what to write."""
+    with pytest.raises(ConfigError, match=r"beam-search settings are a type of their own; "
+                                          r"use flaxlm.infer.BeamParams\("):
         SamplingParams(**settings)
+    assert SamplingParams(num_beams=1).n == 1  # one beam was plain sampling, and still is
+
+
+def test_beam_params_take_no_sampling_settings():
+    with pytest.raises(TypeError, match="temperature"):
+        BeamParams(num_beams=2, temperature=0.7)
 
 
 def test_stream_rejects_beams(llama):
     with pytest.raises(ConfigError, match="stream cannot show beam search"):
-        llama[1].stream("Hello", SamplingParams(num_beams=2))
+        llama[1].stream("Hello", BeamParams(num_beams=2))
 
 
 def test_cli_beams(llama, capsys):
@@ -435,8 +444,8 @@ def smol(smollm2):
 def test_smollm2_matches_hf(smol, smollm2_hf, penalty, mode, returned):
     prompts = [smol.chat_prompt_ids([{"role": "user", "content": q}]) for q in QUESTIONS]
     eos = tuple(smol.tokenizer.eos_token_ids)
-    params = SamplingParams(num_beams=4, num_return_sequences=returned, max_new_tokens=SMOL_NEW,
-                            length_penalty=penalty, early_stopping=mode)
+    params = BeamParams(num_beams=4, num_return_sequences=returned, max_new_tokens=SMOL_NEW,
+                        length_penalty=penalty, early_stopping=mode)
     if mode is False:  # through chat(), a batch of conversations
         results = smol.chat([[{"role": "user", "content": q}] for q in QUESTIONS], params)
     else:

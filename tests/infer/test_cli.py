@@ -64,6 +64,9 @@ def test_interactive_chat_two_turns():
     (["--max-new-tokens", "0"], "max_new_tokens"),
     (["--logit-bias", "x=1"], "--logit-bias"),
     (["--prompt", ""], "prompt is empty"),
+    (["--num-beams", "2", "--temperature", "0.5"], "--temperature does not go with --num-beams"),
+    (["--num-beams", "2", "--stop", "x"], "--stop does not go with --num-beams"),
+    (["--length-penalty", "2"], "--length-penalty applies to beam search (--num-beams) only"),
 ])
 def test_bad_settings_exit_2_with_one_line(flags, message, capsys):
     assert main(["generate", "--prompt", "hi", *flags]) == 2

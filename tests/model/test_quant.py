@@ -16,7 +16,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import flaxlm.model.int8 as int8
-from flaxlm.infer import LLM, SamplingParams
+from flaxlm.infer import LLM, BeamParams, SamplingParams
 from flaxlm.infer.engine import decode_step
 from flaxlm.model import (CheckpointError, ConfigError, KVCache, ModelConfig, abstract_model,
                           dequantize_model, flat_params, load, param_stats, quantize, save_hf)
@@ -212,7 +212,7 @@ def test_generation_and_beam_search_run_on_int8(tiny):
     assert flat_params(int8_llm.model)["layers.0.attn.q_proj.kernel"].dtype == jnp.int8
     prompts = [[5, 9, 13, 2], [7, 7, 1, 30, 31, 8, 99]]
     settings = [SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True),
-                SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True, num_beams=3)]
+                BeamParams(max_new_tokens=8, ignore_eos=True, num_beams=3)]
     for params in settings:
         got = [r.token_ids for r in int8_llm.generate(prompts, params)]
         want = [r.token_ids for r in float_llm.generate(prompts, params)]

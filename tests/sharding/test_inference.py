@@ -1,16 +1,19 @@
 """Sharded inference (8 CPU devices) gives the tokens of unsharded inference."""
 
+import jax
 import pytest
+from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from flaxlm.infer import LLM, SamplingParams
+from flaxlm.infer import LLM, BeamParams, SamplingParams
 from flaxlm.model import ConfigError, load
 from flaxlm.model.cli import main
+from flaxlm.model.sharding import MESH_AXES
 from tests.hf_models import make_hf_model, save_tokenizer
 
 PROMPTS = ["The quick brown fox", "Hello, world! 12345 def main():", "def"]
 GREEDY = SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True)
-BEAMS = SamplingParams(num_beams=4, num_return_sequences=2, max_new_tokens=12)
+BEAMS = BeamParams(num_beams=4, num_return_sequences=2, max_new_tokens=12)
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +45,26 @@ def test_sharded_generation_equals_unsharded(model_dir, reference, mesh):
     sampled = llm.generate(PROMPTS, SamplingParams(temperature=0.9, top_p=0.9, seed=3,
                                                    max_new_tokens=16))
     assert [r.token_ids for r in sampled] == [r.token_ids for r in reference["sampled"]]
+
+
+def test_explicit_axes_mesh_generates_the_unsharded_tokens(model_dir, reference):
+    """`jax.make_mesh` makes Explicit axes by default: such a mesh works as an Auto one, and
+    the caller's mesh and model are left as they were."""
+    mesh = jax.make_mesh((4, 1, 1, 2), MESH_AXES)
+    assert set(mesh.axis_types) == {AxisType.Explicit}
+    model, tokenizer = load(model_dir)
+    llm = LLM(model, tokenizer, mesh=mesh)
+    kernel = llm.programs.state["layers"][0]["attn"]["q_proj"]["kernel"].get_value()
+    assert kernel.sharding.spec == P("fsdp", "tensor", None)
+    assert len(kernel.sharding.device_set) == 8
+    # The caller's model is not resharded in place: the programs hold new state.
+    assert len(model.layers[0].attn.q_proj.kernel.get_value().sharding.device_set) == 1
+    for name, params in (("greedy", GREEDY), ("beams", BEAMS)):
+        got = llm.generate(PROMPTS, params)
+        for ours, ref in zip(got, reference[name]):
+            assert [o.token_ids for o in ours.outputs] == [o.token_ids for o in ref.outputs], name
+    streamed = llm.stream(PROMPTS[0], GREEDY)
+    assert "".join(streamed) == reference["greedy"][0].text
 
 
 def test_stream_on_a_mesh_from_the_cli(model_dir, reference, capsys):
