@@ -6,6 +6,16 @@ the same number of new tokens (EOS ignored on both sides: flaxlm ignore_eos,
 HF eos_token_id=None with an explicit attention mask).
 
     .venv/bin/python scripts/bench_generate.py [--new-tokens 128] [--skip-hf]
+    .venv/bin/python scripts/bench_generate.py --compare aa0cd43 [--llamacpp]
+
+With `--compare REF`, flaxlm is measured in fresh worker processes, alternating
+between this tree and commit REF (extracted with `git archive` into a temporary
+directory), so before and after share the run's machine and load; the current
+tree's first worker starts with an empty compilation cache and its second
+with the cache the first wrote (cold start without and with the cache). HF
+runs in this process; `--llamacpp` adds llama-cpp-python on F32 and Q8_0
+GGUFs made from the shipped Q4_1 (skipped with a message when `llama_cpp` is
+not importable).
 """
 
 import time
@@ -16,6 +26,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
+import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -106,7 +117,11 @@ def beam_search_bench(llm, hf, prompt, new=64, beams=4, rounds=3):
 
     from flaxlm.infer import SamplingParams
 
-    params = SamplingParams(num_beams=beams, max_new_tokens=new, ignore_eos=True)
+    try:
+        from flaxlm.infer import BeamParams
+    except ImportError:  # before BeamParams (a --compare baseline)
+        BeamParams = SamplingParams  # noqa: N806
+    params = BeamParams(num_beams=beams, max_new_tokens=new, ignore_eos=True)
     ours = llm.generate([prompt], params)[0].token_ids  # compiles
     if hf is None:
         return {f"beam{beams}_flaxlm_s": _timed(lambda: llm.generate([prompt], params))[0]}
@@ -189,14 +204,251 @@ def bandwidth_gb_s(megabytes=512, repeats=10):
     return w.nbytes / best / 1e9
 
 
+def stream_bench(llm, prompt, new, rounds=2):
+    """Batch-1 decode tok/s of `llm.stream` and of `generate`, alternated (best of each)."""
+    from flaxlm.infer import SamplingParams
+
+    params = SamplingParams(temperature=0, max_new_tokens=new, ignore_eos=True)
+    streamed, plain = 0.0, 0.0
+    for _ in range(rounds + 1):  # the first round compiles
+        stream = llm.stream(prompt, params)
+        for _ in stream:
+            pass
+        streamed = max(streamed, stream.decode_tokens_per_s)
+        plain = max(plain, flaxlm_decode(llm, prompt, new, repeats=1)[1])
+    return {"stream_decode_tok_s": streamed, "generate_decode_tok_s": plain,
+            "stream_vs_generate": streamed / plain}
+
+
+def chat_bench(llm, turns=10, longest=1500, new=64):
+    """A conversation whose prompts grow to `longest` tokens: per turn, the prompt length,
+    the time to its first token and how many programs compiled during the turn."""
+    from flaxlm.infer import SamplingParams
+
+    text = open(os.__file__, encoding="utf-8").read()
+    conversation = llm.conversation(SamplingParams(temperature=0, max_new_tokens=new))
+    out = []
+    for turn in range(turns):
+        target = 20 + (longest - 20) * turn // (turns - 1)
+        have = len(llm.chat_prompt_ids(conversation.messages)) if conversation.messages else 0
+        ids = llm.tokenizer.encode(text)[turn * 1000:]
+        message = llm.tokenizer.decode(ids[:max(target - have - 12, 4)])
+        before = llm.num_compiled
+        stream = conversation.send(message)
+        for _ in stream:
+            pass
+        prompt = len(llm.chat_prompt_ids(conversation.messages[:-1]))
+        out.append({"prompt_tokens": prompt, "ttft_s": round(stream.ttft_s, 4),
+                    "fed_tokens": conversation.fed_tokens,
+                    "compiled": llm.num_compiled - before,
+                    "decode_tok_s": round(stream.decode_tokens_per_s or 0.0, 2)})
+        log(f"chat turn {turn + 1}: {out[-1]}")
+    return {"chat_turns": out}
+
+
+def flaxlm_side(args):
+    """Everything measured on flaxlm alone, in this (fresh) process: one worker's JSON."""
+    llm, cold = cold_start("Hello")
+    if args.cold_only:
+        return {"cold_start_s": cold}
+    new = args.new_tokens
+    p128, p512 = prompt_ids(llm.tokenizer, 128), prompt_ids(llm.tokenizer, 512, seed=1)
+    ttft128, decode, _ = flaxlm_decode(llm, p128, new)
+    ttft512, _, _ = flaxlm_decode(llm, p512, 16, repeats=1)
+    res = {"cold_start_s": cold, "decode_tok_s": decode, "ttft_128_s": ttft128,
+           "ttft_512_s": ttft512}
+    res["batch32_tok_s"] = flaxlm_decode(llm, p128, new, batch=args.batch, repeats=1)[2]
+    res["beam4_s"] = beam_search_bench(llm, None, p128)["beam4_flaxlm_s"]
+    int8 = int8_bench(llm, p128, new, rounds=2)
+    res.update(int8_decode_tok_s=int8["int8_decode_tok_s"],
+               int8_vs_fp32=int8["int8_vs_fp32_ratio"])
+    res.update(stream_bench(llm, p128, new))
+    if hasattr(llm, "conversation"):
+        res.update(chat_bench(llm))
+    return res
+
+
+def _code_tree(ref, workdir):
+    """PYTHONPATH under which `import flaxlm` is commit `ref` of this repository."""
+    import subprocess
+    import tarfile
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tree = os.path.join(workdir, "tree")
+    os.makedirs(tree)
+    archive = subprocess.run(["git", "-C", repo, "archive", ref], capture_output=True,
+                             check=True).stdout
+    import io
+    tarfile.open(fileobj=io.BytesIO(archive)).extractall(tree, filter="data")
+    package = os.path.join(workdir, "path", "flaxlm")
+    os.makedirs(package)
+    for name in ("model", "infer", "train", "eval", "configs"):
+        if os.path.isdir(os.path.join(tree, name)):
+            os.symlink(os.path.join(tree, name), os.path.join(package, name))
+    return os.path.join(workdir, "path")
+
+
+def _worker(args, pythonpath, env, cold_only=False):
+    import subprocess
+
+    argv = [sys.executable, os.path.abspath(__file__), "--worker",
+            "--new-tokens", str(args.new_tokens), "--batch", str(args.batch)]
+    argv += ["--cold-only"] if cold_only else []
+    environ = {**os.environ, **env}
+    if pythonpath:
+        environ["PYTHONPATH"] = pythonpath
+    out = subprocess.run(argv, capture_output=True, text=True, env=environ)
+    for line in out.stdout.splitlines()[:-1]:
+        print(f"    {line}", flush=True)
+    if out.returncode:
+        raise SystemExit(f"worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def compare(args):
+    """flaxlm at `args.compare` and now, alternating fresh processes; HF and llama.cpp here."""
+    import statistics
+    import tempfile
+
+    res = {"cpu": cpu_model(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+           "load_avg_start": os.getloadavg(), "new_tokens": args.new_tokens}
+    with tempfile.TemporaryDirectory() as tmp:
+        base_path = _code_tree(args.compare, tmp)
+        cache = {"FLAXLM_COMPILE_CACHE_DIR": os.path.join(tmp, "xla")}
+        runs = {"before": [], "after": []}
+        for r in range(args.rounds):
+            log(f"round {r + 1}: {args.compare}")
+            runs["before"].append(_worker(args, base_path, {"FLAXLM_COMPILE_CACHE": "0"}))
+            log(f"round {r + 1}: this tree (compilation cache {'empty' if r == 0 else 'kept'})")
+            runs["after"].append(_worker(args, None, cache))
+        log("this tree, cold start only, with the compilation cache the runs above wrote")
+        warm = _worker(args, None, cache, cold_only=True)["cold_start_s"]
+    for side, results in runs.items():
+        keys = [k for k, v in results[0].items() if isinstance(v, (int, float))]
+        res[side] = {k: statistics.median(r[k] for r in results) for k in keys}
+        res[side]["cold_start_per_round_s"] = [r["cold_start_s"] for r in results]
+        if "chat_turns" in results[-1]:
+            res[side]["chat_turns"] = results[-1]["chat_turns"]
+    res["after"]["cold_start_warm_cache_s"] = warm
+    if not args.skip_hf:
+        res["hf"] = hf_side(args)
+    if args.llamacpp:
+        res["llamacpp"] = llamacpp_side(args)
+    res["load_avg_end"] = os.getloadavg()
+    print(json.dumps(_rounded(res)))
+
+
+def hf_side(args):
+    new = args.new_tokens
+    from flaxlm.model import load
+
+    _, tokenizer = load("smollm2-135m-instruct")
+    p128, p512 = prompt_ids(tokenizer, 128), prompt_ids(tokenizer, 512, seed=1)
+    model = hf_model()
+    ttft128, decode, _ = hf_decode(model, p128, new)
+    ttft512 = min(hf_generate(model, p512, 1) for _ in range(2))
+    thr = args.batch * new / hf_generate(model, p128, new, batch=args.batch)
+    import torch
+
+    ids = torch.tensor([p128])
+    with torch.no_grad():
+        kwargs = dict(attention_mask=torch.ones_like(ids), num_beams=4, do_sample=False,
+                      eos_token_id=None, pad_token_id=2, top_k=None, top_p=None,
+                      temperature=None, max_new_tokens=64)
+        model.generate(ids, **{**kwargs, "max_new_tokens": 2})
+        beam = _timed(lambda: model.generate(ids, **kwargs))[0]
+    out = {"decode_tok_s": decode, "ttft_128_s": ttft128, "ttft_512_s": ttft512,
+           "batch32_tok_s": thr, "beam4_s": beam}
+    log(f"HF: {out}")
+    return out
+
+
+def llamacpp_side(args, rounds=2):
+    """llama-cpp-python batch-1 greedy decode on F32 and Q8_0 GGUFs of the shipped model."""
+    try:
+        import llama_cpp
+    except ImportError:
+        log("llama.cpp: skipped (llama_cpp is not importable; build notes in docs/benchmarks.md)")
+        return None
+    from flaxlm.model import load
+    from flaxlm.model.embedded import smollm2_gguf_path
+
+    _, tokenizer = load("smollm2-135m-instruct")
+    prompt = prompt_ids(tokenizer, 128)
+    source = str(smollm2_gguf_path())
+    out = {"version": getattr(llama_cpp, "__version__", "?")}
+    folder = os.path.join(os.path.expanduser("~"), ".cache", "flaxlm", "llamacpp")
+    os.makedirs(folder, exist_ok=True)
+    for name, ftype in (("f32", llama_cpp.LLAMA_FTYPE_ALL_F32),
+                        ("q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0)):
+        path = os.path.join(folder, f"smollm2-135m-instruct-{name}.gguf")
+        if not os.path.exists(path):
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype, params.allow_requantize = ftype, True
+            params.nthread = os.cpu_count()
+            if llama_cpp.llama_model_quantize(source.encode(), path.encode(), params) != 0:
+                raise SystemExit(f"llama_model_quantize to {name} failed")
+        model = llama_cpp.Llama(path, n_ctx=1024, n_batch=512, n_threads=os.cpu_count(),
+                                n_threads_batch=os.cpu_count(), verbose=False)
+        best = 0.0
+        for _ in range(rounds + 1):
+            tokens, t_first = 0, None
+            t0 = time.perf_counter()
+            for _ in model.generate(prompt, top_k=1, temp=0.0, reset=True):
+                tokens += 1
+                if t_first is None:
+                    t_first = time.perf_counter()
+                if tokens == args.new_tokens:
+                    break
+            best = max(best, (tokens - 1) / (time.perf_counter() - t_first))
+        out[f"{name}_decode_tok_s"] = best
+        out[f"{name}_ttft_128_s"] = t_first - t0
+        log(f"llama.cpp {name}: decode {best:.1f} tok/s")
+        del model
+    return out
+
+
+def cpu_model():
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _rounded(x):
+    if isinstance(x, float):
+        return round(x, 4)
+    if isinstance(x, dict):
+        return {k: _rounded(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_rounded(v) for v in x]
+    return x
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--only", choices=("beam", "int8"), help="run one part of the benchmark")
+    parser.add_argument("--compare", metavar="REF",
+                        help="also measure commit REF, in alternating worker processes")
+    parser.add_argument("--rounds", type=int, default=1, help="worker rounds with --compare")
+    parser.add_argument("--cold-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--llamacpp", action="store_true",
+                        help="also run llama-cpp-python (F32 and Q8_0) when it is importable")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     new = args.new_tokens
+    if args.worker:
+        print(json.dumps(_rounded(flaxlm_side(args))))
+        return
+    if args.compare:
+        compare(args)
+        return
     if args.only == "int8":
         from flaxlm.infer import LLM
 
@@ -227,8 +479,8 @@ def main():
     weight_bytes = sum(by_dtype.values())
     p128, p512 = prompt_ids(llm.tokenizer, 128), prompt_ids(llm.tokenizer, 512, seed=1)
 
-    res = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "new_tokens": new,
-           "cold_start_s": cold, "weight_bytes": weight_bytes}
+    res = {"cpu": cpu_model(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+           "new_tokens": new, "cold_start_s": cold, "weight_bytes": weight_bytes}
     ttft128, decode, _ = flaxlm_decode(llm, p128, new)
     ttft512, _, _ = flaxlm_decode(llm, p512, 16, repeats=1)
     res.update(flaxlm_decode_tok_s=decode, flaxlm_ttft_128_s=ttft128, flaxlm_ttft_512_s=ttft512)
@@ -255,6 +507,8 @@ def main():
                    ttft_128_ratio=h_ttft128 / ttft128, ttft_512_ratio=h_ttft512 / ttft512)
     res.update(beam_search_bench(llm, None if args.skip_hf else model, p128))
     res.update(int8_bench(llm, p128, new))
+    if args.llamacpp:
+        res["llamacpp"] = llamacpp_side(args)
     # ttft_s: flaxlm's, for the two prompt lengths the issue names
     res["ttft_s"] = {"128": ttft128, "512": ttft512}
     res["batch32_tok_s"] = {"flaxlm": res["flaxlm_batch32_tok_s"],

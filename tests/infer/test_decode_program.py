@@ -21,10 +21,12 @@ def llm(tiny_hf):
 
 
 def cache_sized_copies(hlo: str, cache: KVCache) -> list[str]:
-    """Instructions of the HLO text that copy a whole layer's k or v buffer."""
-    shape = "f32[" + ",".join(str(d) for d in cache.layers[0].k.shape) + "]"
+    """Instructions of the HLO text that copy a whole layer's k or v buffer: copies, and
+    fusions XLA names after a copy they contain."""
+    shape = re.escape("f32[" + ",".join(str(d) for d in cache.layers[0].k.shape) + "]")
     return [line.strip() for line in hlo.splitlines()
-            if re.search(rf"= {re.escape(shape)}(\{{[^}}]*\}})? copy(-start)?\(", line)]
+            if re.search(rf"= {shape}(\{{[^}}]*\}})? copy(-start)?\(", line)
+            or re.search(rf"^\s*(ROOT )?%copy[\w.-]*fusion[\w.-]* = {shape}", line)]
 
 
 def _loop(llm, lengths):
