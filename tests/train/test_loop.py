@@ -59,9 +59,34 @@ def test_loss_falls_and_files_are_written(straight):
         assert r["tokens_per_s"] > 0
         assert r["mfu"] == pytest.approx(197_568 * r["tokens_per_s"] / peak, rel=1e-9)
     assert result.step == 6 and result.last_checkpoint == 6 and result.stopped_by is None
-    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    events = _tensorboard_scalars(run_dir)  # what TensorBoard shows is metrics.jsonl
+    assert events["train/loss"] == [(r["step"], pytest.approx(r["loss"], rel=1e-6))
+                                    for r in records]
+    assert [s for s, _ in events["train/eval_loss"]] == [3, 6]
+    assert set(events) == {f"train/{k}" for k in records[0]
+                           if k not in ("step", "router_loss")}
     assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()) == [3, 6]
+
+
+def _tensorboard_scalars(run_dir):
+    """{tag: [(step, value), ...]} from the run's TensorBoard event files (TFRecord framing:
+    length u64, its crc u32, the Event proto, its crc u32)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars = {}
+    for path in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        at = 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
 
 
 def test_eval_perplexity_is_over_the_held_out_split(straight, corpus):
