@@ -15,7 +15,7 @@ import pytest
 from flaxlm.infer.llm import LLM
 from flaxlm.infer.sampling import SamplingParams
 from tests.hf_models import make_hf_model, save_tokenizer
-from tests.infer.greedy_reference import compare_greedy, hf_greedy
+from tests.infer.greedy_reference import TINY_TOL, compare_greedy
 from tests.infer.test_beam import compare
 
 FAMILIES = ["qwen3-window", "gemma2-softcap", "gemma3-local-global", "phi3-longrope",
@@ -40,13 +40,16 @@ def test_greedy_matches_hf(family):
     results = llm.generate(prompts, SamplingParams(temperature=0, max_new_tokens=NEW,
                                                    ignore_eos=True))
     for i, (prompt, result) in enumerate(zip(prompts, results)):
-        ref, ref_logits = hf_greedy(hf_model, prompt, NEW, eos=None)
         assert len(result.token_ids) == NEW
-        compare_greedy(result.token_ids, ref, ref_logits, f"{name} prompt {i}")
+        compare_greedy(hf_model, prompt, result.token_ids, tol=TINY_TOL, max_new=NEW,
+                       label=f"{name} prompt {i}")
 
 
 def test_beam_search_matches_hf(family):
     name, hf_model, llm, prompts = family
     params = SamplingParams(num_beams=3, num_return_sequences=2, max_new_tokens=NEW,
                             ignore_eos=True, length_penalty=1.0)
-    compare(llm.generate(prompts, params), hf_model, prompts, params, (), f"{name} beams")
+    excused = compare(llm.generate(prompts, params), llm, hf_model, prompts, params, (),
+                      f"{name} beams")
+    print(f"{name}: {len(excused)} of {len(prompts)} prompts excused as float ties")
+    assert len(excused) <= 1, excused
