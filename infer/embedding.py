@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,13 +27,12 @@ def pool(model: Decoder, tokens: jax.Array, lengths: jax.Array, *, pooling: str)
     return total / lengths[:, None].astype(jnp.float32)
 
 
-def embed_ids(programs: Programs, ids: Sequence[Sequence[int]], *, pooling: str, normalize: bool,
-              max_rows: int) -> np.ndarray:
-    """[n, embed] float32 for token-id lists (each non-empty and within the context),
-    sorted by length into power-of-two buckets of rows and lengths."""
-    program = programs.program("embed", pool, static_argnames=("pooling",))
+def padded_batches(ids: Sequence[Sequence[int]], max_rows: int
+                   ) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:
+    """(indices, tokens [rows, seq] right-padded, lengths [rows]) over `ids` sorted by length,
+    rows and seq rounded up to powers of two (one compiled program per bucket); padding
+    rows have length 1."""
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out = np.zeros((len(ids), programs.config.embed_dim), np.float32)
     for start in range(0, len(order), max_rows):
         chunk = order[start:start + max_rows]
         seq = bucket(max(len(ids[i]) for i in chunk), MIN_PROMPT_BUCKET)
@@ -42,6 +41,16 @@ def embed_ids(programs: Programs, ids: Sequence[Sequence[int]], *, pooling: str,
         for row, i in enumerate(chunk):
             tokens[row, :len(ids[i])] = ids[i]
             lengths[row] = len(ids[i])
+        yield chunk, tokens, lengths
+
+
+def embed_ids(programs: Programs, ids: Sequence[Sequence[int]], *, pooling: str, normalize: bool,
+              max_rows: int) -> np.ndarray:
+    """[n, embed] float32 for token-id lists (each non-empty and within the context),
+    sorted by length into power-of-two buckets of rows and lengths."""
+    program = programs.program("embed", pool, static_argnames=("pooling",))
+    out = np.zeros((len(ids), programs.config.embed_dim), np.float32)
+    for chunk, tokens, lengths in padded_batches(ids, max_rows):
         pooled = np.asarray(program(programs.state, tokens, lengths, pooling=pooling))
         out[chunk] = pooled[:len(chunk)]
     if normalize:

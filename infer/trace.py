@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxlm.infer.embedding import padded_batches
 from flaxlm.infer.engine import Programs
-from flaxlm.infer.generate import MIN_PROMPT_BUCKET, bucket
 from flaxlm.model.decoder import Decoder
 
 
@@ -56,16 +56,8 @@ def trace_ids(programs: Programs, ids: Sequence[Sequence[int]], *, logit_lens: i
     """TraceResult per token-id list (each non-empty, within the context), batched by length
     into power-of-two buckets of rows and lengths."""
     program = programs.program("trace", trace_batch, static_argnames=("lens_k",))
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     results: list[TraceResult | None] = [None] * len(ids)
-    for start in range(0, len(order), max_rows):
-        chunk = order[start:start + max_rows]
-        seq = bucket(max(len(ids[i]) for i in chunk), MIN_PROMPT_BUCKET)
-        tokens = np.zeros((bucket(len(chunk), 1), seq), np.int32)
-        lengths = np.ones((tokens.shape[0],), np.int32)
-        for row, i in enumerate(chunk):
-            tokens[row, :len(ids[i])] = ids[i]
-            lengths[row] = len(ids[i])
+    for chunk, tokens, lengths in padded_batches(ids, max_rows):
         inside, lens = jax.device_get(program(programs.state, tokens, lengths,
                                               lens_k=logit_lens))
         for row, i in enumerate(chunk):

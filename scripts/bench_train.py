@@ -206,7 +206,7 @@ def main() -> None:
     import jax
     import torch
 
-    from flaxlm.train.metrics import peak_flops
+    from flaxlm.train.metrics import cpu_peak, peak_flops
 
     log(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} "
         f"with {torch.get_num_threads()} threads; load average {os.getloadavg()}")
@@ -217,7 +217,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "train_step", "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
-        "peak_flops_assumed": peak_flops(jax.devices()[0]),
+        "peak_flops": peak_flops(jax.devices()[0]), "cpu_peak": cpu_peak().describe(),
         "results": results, "jax_vs_torch_ratio": round(ratio, 3)}))
 
 

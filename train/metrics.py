@@ -13,17 +13,24 @@ half is counted too, as is standard). Rematerialization's extra forward pass is
 not counted (that would be hardware FLOPs utilization).
 
 Peak: `log.peak_tflops` of the recipe when set, else `peak_flops()`: dense
-bfloat16 peaks of known accelerators, and for a CPU the stated assumption
-cores x 2.5 GHz x 32 float32 FLOP/cycle (two 256-bit FMA units per core).
-The CPU devices of one process share its cores (XLA can split a CPU into several
-devices), so a CPU counts once per process: `total_peak_flops`.
+bfloat16 peaks of known accelerators, and for a CPU its float32 vector peak
+read from the machine (`cpu_peak`): usable cores x clock x FLOP/cycle, where
+FLOP/cycle = vector lanes (16 with AVX-512, 8 with AVX/AVX2, 4 with SSE or NEON)
+x 2 (fused multiply-add) x 2 FMA units per core. Two full-width FMA units is
+the most any of these cores has, and the clock is the highest the kernel reports,
+so the peak is an upper bound and MFU stays below 100% (on a core with one
+AVX-512 unit, or AMD Zen 4's double-pumped 256-bit units, MFU reads low by up to
+2x, never high). The CPU devices of one process share its cores (XLA can split a
+CPU into several devices), so a CPU counts once per process: `total_peak_flops`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +39,78 @@ import numpy as np
 
 from flaxlm.model.config import ModelConfig
 
-CPU_FLOPS_PER_CORE = 2.5e9 * 32  # 2.5 GHz x 32 FLOP/cycle (AVX2/AVX-512 FMA, float32)
+FMA_UNITS = 2        # full-width FMA pipes per core: the most any x86/Arm server core has
+DEFAULT_GHZ = 3.0    # when the kernel reports no clock at all
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuPeak:
+    """A CPU's float32 vector peak: cores x ghz x flops_per_cycle."""
+
+    cores: int
+    ghz: float
+    lanes: int           # float32 lanes of the widest vector unit
+    isa: str
+    clock_source: str
+
+    @property
+    def flops_per_cycle(self) -> int:
+        return self.lanes * 2 * FMA_UNITS
+
+    @property
+    def flops(self) -> float:
+        return self.cores * self.ghz * 1e9 * self.flops_per_cycle
+
+    def describe(self) -> str:
+        return (f"{self.cores} cores x {self.ghz:.2f} GHz ({self.clock_source}) x "
+                f"{self.flops_per_cycle} float32 FLOP/cycle ({self.isa}: {self.lanes} lanes x "
+                f"FMA x {FMA_UNITS} units) = {self.flops / 1e9:.1f} GFLOP/s")
+
+
+def cpu_peak(cpuinfo: str | None = None, cores: int | None = None,
+             max_khz: int | None = None) -> CpuPeak:
+    """This machine's CPU peak from /proc/cpuinfo (flags, MHz), the cpufreq maximum and
+    the cores this process may run on; arguments replace what is read (for tests)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            cpuinfo = ""
+    if cores is None:
+        cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                 else os.cpu_count() or 1)
+    if max_khz is None:
+        try:
+            max_khz = int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+                          .read_text())
+        except (OSError, ValueError):
+            max_khz = 0
+    flags, mhz = set(), 0.0
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("flags", "features"):
+            flags |= set(value.split())
+        elif key == "cpu mhz":
+            try:
+                mhz = max(mhz, float(value))
+            except ValueError:
+                pass
+    if "avx512f" in flags:
+        lanes, isa = 16, "AVX-512"
+    elif "avx2" in flags or "avx" in flags:
+        lanes, isa = 8, "AVX2" if "avx2" in flags else "AVX"
+    elif "asimd" in flags or platform.machine().lower() in ("aarch64", "arm64"):
+        lanes, isa = 4, "NEON"
+    else:
+        lanes, isa = 4, "SSE"
+    if max_khz / 1e3 >= mhz and max_khz > 0:
+        ghz, source = max_khz / 1e6, "cpufreq maximum"
+    elif mhz > 0:
+        ghz, source = mhz / 1e3, "/proc/cpuinfo"
+    else:
+        ghz, source = DEFAULT_GHZ, "assumed"
+    return CpuPeak(cores=max(1, cores), ghz=ghz, lanes=lanes, isa=isa, clock_source=source)
 
 # Dense bfloat16 peak FLOP/s per device, by substring of `device.device_kind`.
 ACCELERATOR_PEAKS = (
@@ -47,7 +125,7 @@ def peak_flops(device: jax.Device, override_tflops: float = 0.0) -> float:
     if override_tflops > 0:
         return override_tflops * 1e12
     if device.platform == "cpu":
-        return (os.cpu_count() or 1) * CPU_FLOPS_PER_CORE
+        return cpu_peak().flops
     for name, peak in ACCELERATOR_PEAKS:
         if name.lower() in device.device_kind.lower():
             return peak

@@ -50,4 +50,7 @@ def test_beam_search_matches_hf(family):
     name, hf_model, llm, prompts = family
     params = BeamParams(num_beams=3, num_return_sequences=2, max_new_tokens=NEW,
                         ignore_eos=True, length_penalty=1.0)
-    compare(llm.generate(prompts, params), llm, hf_model, prompts, params, (), f"{name} beams")
+    excused = compare(llm.generate(prompts, params), llm, hf_model, prompts, params, (),
+                      f"{name} beams")
+    print(f"{name}: {len(excused)} of {len(prompts)} prompts excused as float ties")
+    assert len(excused) <= 1, excused

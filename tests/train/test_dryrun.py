@@ -81,7 +81,7 @@ def test_dry_run_devices_flag(capsys, tmp_path):
     assert main(["train", "--config", str(tmp_path / "recipe.toml"), "--dry-run",
                  "--devices", "64"]) == 0
     out = capsys.readouterr().out
-    assert "mesh data=2,fsdp=32,tensor=1 (64 devices), 90,432 parameters" in out
+    assert "mesh data=2,fsdp=32,expert=1,tensor=1 (64 devices), 90,432 parameters" in out
     assert _bytes(out, "parameters") == 11_304  # as in the test above
     assert _bytes(out, "activations (formula)") == 245_760 + 122_880
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 
 import jax
@@ -16,7 +15,7 @@ from flaxlm.model.tokenizer import Tokenizer
 from flaxlm.train import data as data_lib
 from flaxlm.train.checkpoint import Checkpoints, read_run_file, restore_model
 from flaxlm.train.loop import TrainingDiverged, train
-from flaxlm.train.metrics import read_metrics
+from flaxlm.train.metrics import cpu_peak, read_metrics
 from flaxlm.train.optim import optimizer
 from flaxlm.train.recipe import CheckpointConfig
 from flaxlm.model.sources import DocumentSource, find_files
@@ -52,16 +51,41 @@ def test_loss_falls_and_files_are_written(straight):
     # (embedding 10,240; per layer q 1,024 + k 512 + v 512 + o 1,024 + mlp 3 * 2,048 + norms
     # 64 = 9,280, twice; final norm 32; head 10,240), N = all but the input embedding =
     # 28,832; 6 N = 172,992; attention 12 * 2 * 2 * 16 * 32 (seq_len) = 24,576; 197,568
-    # FLOPs per token. Peak: this CPU, cores x 2.5 GHz x 32 FLOP/cycle, once (the eight XLA
-    # devices share the cores).
-    peak = os.cpu_count() * 2.5e9 * 32
+    # FLOPs per token. Peak: this CPU's (cpu_peak, tested by hand in test_metrics.py), once
+    # (the eight XLA devices share the cores).
+    peak = cpu_peak().flops
     for r in records[1:]:
         assert r["tokens_per_s"] > 0
         assert r["mfu"] == pytest.approx(197_568 * r["tokens_per_s"] / peak, rel=1e-9)
     assert result.step == 6 and result.last_checkpoint == 6 and result.stopped_by is None
-    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    events = _tensorboard_scalars(run_dir)  # what TensorBoard shows is metrics.jsonl
+    assert events["train/loss"] == [(r["step"], pytest.approx(r["loss"], rel=1e-6))
+                                    for r in records]
+    assert [s for s, _ in events["train/eval_loss"]] == [3, 6]
+    assert set(events) == {f"train/{k}" for k in records[0]
+                           if k not in ("step", "router_loss")}
     assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()) == [3, 6]
+
+
+def _tensorboard_scalars(run_dir):
+    """{tag: [(step, value), ...]} from the run's TensorBoard event files (TFRecord framing:
+    length u64, its crc u32, the Event proto, its crc u32)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars = {}
+    for path in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        at = 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
 
 
 def test_eval_perplexity_is_over_the_held_out_split(straight, corpus):

@@ -158,3 +158,16 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert float(lr(55)) == pytest.approx(0.55, abs=1e-6)  # halfway down the cosine
     fixed = schedule(OptimizerConfig(lr=1.0, warmup_steps=10, decay_steps=200), total_steps=100)
     assert float(fixed(100)) > 0.5  # decay_steps, not train.steps, sets the schedule
+
+
+def test_train_step_donates_the_state():
+    """The README's "donated state": the step reuses the old state's buffers, so a caller
+    cannot keep reading them (and memory holds one copy of the parameters and moments)."""
+    steps = _steps(CONFIG, "data=1", OPT)
+    state = fresh_state(CONFIG, "data=1", OPT)
+    old = [x for x in jax.tree.leaves(state) if isinstance(x, jax.Array)]
+    new, _ = steps.train(state, put_batch(_reshape(_rows(8), 1), steps.train_batch_sharding))
+    params = jax.tree.leaves(state.params)
+    assert params and all(x.is_deleted() for x in params)
+    assert sum(x.is_deleted() for x in old) == len(old)
+    assert not any(x.is_deleted() for x in jax.tree.leaves(new))
