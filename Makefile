@@ -21,4 +21,4 @@ demo: $(STAMP)
 	$(BIN)/flaxlm chat --model smollm2-135m-instruct --prompt "Explain in three sentences why the sky is blue." --temperature 0 --max-new-tokens 128
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
