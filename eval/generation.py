@@ -24,24 +24,14 @@ import numpy as np
 
 from flaxlm.eval.metrics import (Metric, bootstrap, corpus_bleu, corpus_chrf, corpus_metric,
                                  mean, rouge)
-from flaxlm.eval.task import EvalError, Settings, Task, TaskResult, existing_path, parse_args
+from flaxlm.eval.task import (EvalError, Settings, Task, TaskResult, existing_path, parse_args,
+                              read_jsonl)
 from flaxlm.model.docstrings import SPLITS, docstring_examples, first_sentence
 
 
 def read_generation_jsonl(path: Path) -> list[dict[str, Any]]:
     """Lines {"prompt": str | "messages": [...], "references": [str, ...] | "reference": str}."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise EvalError(f"{path}: cannot read ({e})") from e
-    examples = []
-    for number, line in enumerate(lines, 1):
-        if line.strip():
-            examples.append(_example(line, f"{path}:{number}"))
-    if not examples:
-        raise EvalError(f"{path}: no examples")
-    return examples
-
+    return read_jsonl(path, _example, "examples")
 
 def _example(line: str, where: str) -> dict[str, Any]:
     try:

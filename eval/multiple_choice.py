@@ -35,7 +35,7 @@ import numpy as np
 
 from flaxlm.eval.metrics import mean
 from flaxlm.eval.task import (EvalError, Settings, Task, TaskResult, existing_path,
-                              parse_args)
+                              parse_args, read_jsonl)
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 MMLU_LETTERS = 4
@@ -89,18 +89,7 @@ def read_mmlu_csv(path: Path, subject: str) -> list[Question]:
 
 def read_mc_jsonl(path: Path) -> list[Question]:
     """Lines {"question", "choices", "answer" (index or letter)[, "subject"]}."""
-    out = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise EvalError(f"{path}: cannot read ({e})") from e
-    for number, line in enumerate(lines, 1):
-        if line.strip():
-            out.append(_jsonl_question(line, f"{path}:{number}"))
-    if not out:
-        raise EvalError(f"{path}: no questions")
-    return out
-
+    return read_jsonl(path, _jsonl_question, "questions")
 
 def _jsonl_question(line: str, where: str) -> Question:
     try:

@@ -108,3 +108,17 @@ def int_option(kind: str, options: dict[str, str], key: str, default: int | None
     if value < 1:
         raise EvalError(f"task {kind}: {key} must be >= 1, got {value}")
     return value
+
+
+def read_jsonl(path: Path, parse: Callable[[str, str], Any], what: str) -> list[Any]:
+    """`parse(line, "FILE:LINE")` of every non-blank line; an unreadable file or one with
+    no lines is an EvalError naming the file (`what`: "examples", "questions")."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise EvalError(f"{path}: cannot read ({e})") from e
+    out = [parse(line, f"{path}:{number}") for number, line in enumerate(lines, 1)
+           if line.strip()]
+    if not out:
+        raise EvalError(f"{path}: no {what}")
+    return out
