@@ -34,3 +34,22 @@ def smollm2_hf():
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """(name, seed) -> (HF model, directory holding it and a trained tokenizer), built once."""
+    from tests.hf_models import make_hf_model, save_tokenizer
+
+    built = {}
+
+    def get(name: str, seed: int = 0):
+        if (name, seed) not in built:
+            model = make_hf_model(name, seed=seed)
+            directory = tmp_path_factory.mktemp(f"{name}-{seed}")
+            model.save_pretrained(directory, safe_serialization=True)
+            save_tokenizer(directory, model.config.vocab_size)
+            built[name, seed] = model, directory
+        return built[name, seed]
+
+    return get

@@ -3,16 +3,12 @@
 import pytest
 
 from flaxlm.infer.llm import LLM
-from tests.hf_models import make_hf_model, save_tokenizer
 
 
 @pytest.fixture(scope="package")
-def tiny_dir(tmp_path_factory):
+def tiny_dir(tiny_hf):
     """A tiny random llama with a BPE tokenizer, saved as an HF directory."""
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    make_hf_model("llama-gqa", seed=11).save_pretrained(directory, safe_serialization=True)
-    save_tokenizer(directory, 320)
-    return directory
+    return tiny_hf("llama-gqa", 11)[1]
 
 
 @pytest.fixture(scope="package")
