@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from flaxlm.infer.engine import Programs, decode_step, prefill
+from flaxlm.infer.engine import Programs, decode_step, prefill, virtual_tokens
 from flaxlm.infer.generate import (MIN_NEW_BUCKET, MIN_PROMPT_BUCKET, BatchTiming, Completion,
                                    Row, bucket)
 from flaxlm.infer.sampling import EOS_WIDTH
@@ -271,10 +271,11 @@ def beam_start(model: Decoder, tokens: jax.Array, lengths: jax.Array, active: ja
     """tokens [batch, seq] right-padded, lengths [batch], active [batch] bool -> the search
     state before its first step: each prompt prefilled once, its cache copied to K beams."""
     batch = tokens.shape[0]
+    virtual = virtual_tokens(model)  # soft-prompt slots before each prompt
     cache, logits = prefill(model, tokens, lengths,
-                            KVCache.init(model.config, batch, cache_len).constrained())
+                            KVCache.init(model.config, batch, cache_len + virtual).constrained())
     return _init_state(repeat_beams(cache, num_beams), repeat_beams(logits, num_beams), active,
-                       lengths, num_beams, max_new)
+                       lengths + virtual, num_beams, max_new)
 
 
 def beam_run(model: Decoder, state: BeamState, arrays: BeamArrays, limit: jax.Array

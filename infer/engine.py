@@ -25,11 +25,18 @@ from flaxlm.model.sharding import RULES, Rules, shard_model, use_sharding
 
 def prefill(model: Decoder, tokens: jax.Array, lengths: jax.Array, cache: KVCache
             ) -> tuple[KVCache, jax.Array]:
-    """tokens [batch, seq] right-padded to the bucket, lengths [batch] -> (cache, logits [batch, vocab])."""
+    """tokens [batch, seq] right-padded to the bucket, lengths [batch] -> (cache, logits [batch, vocab]).
+    A model with a soft prompt runs its virtual tokens first: they fill the cache's first
+    `virtual_tokens(model)` slots."""
     mask = (jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]).astype(jnp.int32)
-    hidden, cache = model.hidden(tokens, attention_mask=mask, cache=cache)
+    hidden, cache = model.hidden(tokens, attention_mask=mask, cache=cache, soft_prompt=True)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
     return cache, model.logits(last)
+
+
+def virtual_tokens(model: Decoder) -> int:
+    """Cache slots a prefill spends on the model's soft prompt (0 without one)."""
+    return 0 if model.soft_prompt is None else model.soft_prompt.num_tokens
 
 
 def decode_step(model: Decoder, cache: KVCache, tokens: jax.Array) -> tuple[KVCache, jax.Array]:
@@ -83,7 +90,7 @@ def start(model: Decoder, tokens: jax.Array, lengths: jax.Array, active: jax.Arr
           sampling: SamplingArrays, *, cache_len: int, max_new: int, top_n: int) -> LoopState:
     """Prefill a right-padded batch and choose every row's first token."""
     batch = tokens.shape[0]
-    cache = KVCache.init(model.config, batch, cache_len).constrained()
+    cache = KVCache.init(model.config, batch, cache_len + virtual_tokens(model)).constrained()
     cache, logits = prefill(model, tokens, lengths, cache)
     mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
     zeros = jnp.zeros((batch,), jnp.int32)

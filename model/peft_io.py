@@ -79,7 +79,7 @@ def save_adapter(model: nnx.Module, directory: str | os.PathLike, *,
     if found:
         config, tensors = _lora_out(model, found)
     else:
-        config, tensors = _prompt_out(model.config, prompt)
+        config, tensors = _prompt_out(model.config, prompt, str(base_model_name_or_path))
     config = {"base_model_name_or_path": str(base_model_name_or_path), "revision": None,
               "task_type": "CAUSAL_LM", "inference_mode": True, **config}
     try:
@@ -123,13 +123,14 @@ def _target_modules(model: nnx.Module, found: dict) -> list[str] | str:
     return "(" + "|".join(re.escape(hf_module(p)) for p in found) + ")"
 
 
-def _prompt_out(cfg: ModelConfig, prompt: SoftPrompt):
-    text = prompt.init == "text"
+def _prompt_out(cfg: ModelConfig, prompt: SoftPrompt, base: str):
+    text = prompt.init == "text"  # PEFT wants the tokenizer of a text init: the base's
     config = {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": prompt.num_tokens,
               "token_dim": cfg.embed_dim, "num_transformer_submodules": 1,
               "num_attention_heads": cfg.num_heads, "num_layers": cfg.num_layers,
               "prompt_tuning_init": "TEXT" if text else "RANDOM",
-              "prompt_tuning_init_text": prompt.init_text if text else None}
+              "prompt_tuning_init_text": prompt.init_text if text else None,
+              "tokenizer_name_or_path": base if text else None}
     return config, {PROMPT_KEY: np.asarray(prompt.embedding[...])}
 
 
