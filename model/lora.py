@@ -96,9 +96,11 @@ class LoraAdapter(nnx.Module):
                            logical_axes=(None, *out_axes))
         self.rank, self.alpha, self.rslora, self.dtype = rank, alpha, rslora, dtype
         self.scaling = alpha / (math.sqrt(rank) if rslora else rank)
-        # Created switched off: `model.train()` turns it on, `model.eval()` off again.
-        self.dropout = (nnx.Dropout(dropout, deterministic=True, rngs=rngs) if dropout > 0
-                        else None)
+        # Created switched off: `model.train()` turns it on, `model.eval()` off again. Its
+        # stream is always named "dropout", so `nnx.reseed(model, dropout=key)` sets it.
+        self.dropout = (nnx.Dropout(dropout, deterministic=True,
+                                    rngs=nnx.Rngs(dropout=rngs.dropout()))
+                        if dropout > 0 else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         a = self.a[...].reshape(-1, self.rank).astype(self.dtype)  # [in, r]

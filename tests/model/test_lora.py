@@ -33,6 +33,12 @@ def base_dirs(tmp_path_factory):
     return out
 
 
+def _jit_grad(loss, wrt):
+    """The gradient of loss(model) with respect to the `wrt` variables, compiled (eager
+    NNX calls are slow on a loaded 2-core machine)."""
+    return nnx.jit(lambda m: nnx.grad(loss, argnums=nnx.DiffState(0, wrt))(m))
+
+
 def _randomize(model, seed=0):
     """Every adapter matrix random (B is zero after apply_lora)."""
     key = jax.random.key(seed)
@@ -103,7 +109,7 @@ def test_only_adapters_are_differentiated(base_dirs):
     def loss(m):
         return jnp.mean(jax.nn.log_softmax(m(tokens))[..., 0])
 
-    grads = nnx.grad(loss, argnums=nnx.DiffState(0, lora_filter))(model)
+    grads = _jit_grad(loss, lora_filter)(model)
     flat = nnx.to_flat_state(grads)
     assert flat and all(isinstance(v, LoraParam) for _, v in flat)
     names = {".".join(map(str, p)) for p, _ in flat}
@@ -124,12 +130,19 @@ def test_dropout_only_in_training_mode(base_dirs):
     apply_lora(plain, LoraConfig(rank=4, alpha=8), nnx.Rngs(0))
     for path, lora in adapters(plain).items():
         lora.a[...], lora.b[...] = adapters(model)[path].a[...], adapters(model)[path].b[...]
-    np.testing.assert_allclose(model(tokens), plain(tokens), atol=1e-6)  # eval by default
+    run = nnx.jit(lambda m, t: m(t))  # carries the dropout streams' counts in and out
+    expected = run(plain, tokens)
+    np.testing.assert_allclose(run(model, tokens), expected, atol=1e-6)  # eval by default
     model.train()
-    first, second = model(tokens), model(tokens)
-    assert np.abs(first - plain(tokens)).max() > 1e-3 and np.abs(first - second).max() > 1e-3
+    first, second = run(model, tokens), run(model, tokens)
+    assert np.abs(first - expected).max() > 1e-3 and np.abs(first - second).max() > 1e-3
+    # A train step seeds the masks from its own key: the same key, the same masks.
+    nnx.reseed(model, dropout=jax.random.key(7))
+    seeded = run(model, tokens)
+    nnx.reseed(model, dropout=jax.random.key(7))
+    np.testing.assert_array_equal(run(model, tokens), seeded)
     model.eval()
-    np.testing.assert_allclose(model(tokens), plain(tokens), atol=1e-6)
+    np.testing.assert_allclose(run(model, tokens), expected, atol=1e-6)
 
 
 def test_int8_base_with_float_adapters(base_dirs):
@@ -149,8 +162,7 @@ def test_int8_base_with_float_adapters(base_dirs):
     ours_int8 = jitted(int8_model)(tokens)
     assert np.abs(ours_int8 - before).max() > 1e-2  # the adapters act on the int8 model
     assert np.abs(ours_int8 - jitted(rounded)(tokens)).max() <= FORWARD_ATOL
-    grads = nnx.grad(lambda m: jnp.mean(m(jnp.asarray(tokens))),
-                     argnums=nnx.DiffState(0, lora_filter))(int8_model)
+    grads = _jit_grad(lambda m: jnp.mean(m(jnp.asarray(tokens))), lora_filter)(int8_model)
     assert all(isinstance(v, LoraParam) for _, v in nnx.to_flat_state(grads))
     with pytest.raises(ConfigError, match="int8"):
         merge_lora(int8_model)
@@ -193,35 +205,37 @@ def _prompted(directory, n=4, seed=3):
 
 def test_soft_prompt_packed_rows_equal_documents_alone(base_dirs):
     model = _prompted(base_dirs["llama-gqa"])
+    run = nnx.jit(lambda m, t, p, s: m(t, positions=p, attention_mask=s))
     vocab = model.config.vocab_size
-    first, second = ids(1, 11, vocab, seed=1), ids(1, 9, vocab, seed=2)
-    alone = [np.asarray(model(jnp.asarray(d)))[0] for d in (first, second)]
-    packed = jnp.asarray(np.concatenate([first, second, np.zeros((1, 4), int)], axis=1))
-    segments = jnp.asarray([[1] * 11 + [2] * 9 + [0] * 4])
-    positions = jnp.asarray([list(range(11)) + list(range(9)) + [0] * 4])
-    out = np.asarray(model(packed, positions=positions, attention_mask=segments))
+    docs = ids(2, 10, vocab, seed=1)
+    alone = np.asarray(run(model, jnp.asarray(docs), None, None))  # one row per document
+    packed = jnp.asarray(np.concatenate([docs[0], docs[1], np.zeros(4, int)])[None])
+    segments = jnp.asarray([[1] * 10 + [2] * 10 + [0] * 4])
+    positions = jnp.asarray([list(range(10)) * 2 + [0] * 4])
+    out = np.asarray(run(model, packed, positions, segments))
     assert out.shape == (1, 24, vocab)
-    np.testing.assert_allclose(out[0, :11], alone[0], atol=1e-5)
-    np.testing.assert_allclose(out[0, 11:20], alone[1], atol=1e-5)
+    np.testing.assert_allclose(out[0, :10], alone[0], atol=1e-5)
+    np.testing.assert_allclose(out[0, 10:20], alone[1], atol=1e-5)
 
 
 def test_soft_prompt_prefill_and_decode_equal_full_forward(base_dirs):
     model = _prompted(base_dirs["llama-gqa"], n=3)
     tokens = jnp.asarray(ids(2, 12, model.config.vocab_size))
-    full = np.asarray(model(tokens))
-    cache = KVCache.init(model.config, 2, 3 + 12)
-    logits, cache = model(tokens[:, :8], cache=cache, soft_prompt=True)
-    assert np.asarray(cache.lengths).tolist() == [11, 11]
+    full = np.asarray(nnx.jit(lambda m, t: m(t))(model, tokens))
+    prefill = nnx.jit(lambda m, t, c: m(t, cache=c, soft_prompt=True))
+    step = nnx.jit(lambda m, t, c: m(t, cache=c))
+    logits, cache = prefill(model, tokens[:, :8], KVCache.init(model.config, 2, 3 + 12))
+    assert np.asarray(cache.lengths).tolist() == [11, 11]  # 3 virtual + 8 tokens
     np.testing.assert_allclose(logits, full[:, :8], atol=1e-5)
     for t in range(8, 12):
-        step, cache = model(tokens[:, t:t + 1], cache=cache)
-        np.testing.assert_allclose(step[:, 0], full[:, t], atol=1e-5)
+        logits, cache = step(model, tokens[:, t:t + 1], cache)
+        np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5)
 
 
 def test_soft_prompt_is_the_only_trainable_part(base_dirs):
     model = _prompted(base_dirs["llama-gqa"])
     tokens = jnp.asarray(ids(1, 8, model.config.vocab_size))
-    grads = nnx.grad(lambda m: jnp.mean(m(tokens)), argnums=nnx.DiffState(0, prompt_filter))(model)
+    grads = _jit_grad(lambda m: jnp.mean(m(tokens)), prompt_filter)(model)
     (path, value), = nnx.to_flat_state(grads)
     assert ".".join(map(str, path)) == "soft_prompt.embedding" and value.shape == (4, 64)
     assert np.abs(np.asarray(value.get_value())).max() > 0
