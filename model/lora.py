@@ -169,14 +169,14 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig, rngs: nnx.Rngs) -> list[str]:
     mods = projections(model)
     for path in chosen:
         proj = mods[path]
-        in_shape, out_shape, in_axes, out_axes = _kernel_layout(proj)
+        in_shape, out_shape, in_axes, out_axes = kernel_layout(proj)
         proj.lora = nnx.data(LoraAdapter(in_shape, out_shape, in_axes, out_axes,
                                          rank=cfg.rank, alpha=cfg.alpha, rslora=cfg.rslora,
                                          dropout=cfg.dropout, dtype=proj.dtype, rngs=rngs))
     return chosen
 
 
-def _kernel_layout(proj: Einsum | QuantEinsum):
+def kernel_layout(proj: Einsum | QuantEinsum):
     """(in shape, out shape, in axes, out axes) of a projection's weight: Einsum kernels are
     [in..., out...], int8 kernels output-major [out..., in...]."""
     kernel = proj.kernel

@@ -32,7 +32,7 @@ from flaxlm.model.config import ModelConfig
 from flaxlm.model.errors import CheckpointError, ConfigError
 from flaxlm.model.hf_config import config_from_hf
 from flaxlm.model.hf_io import read_json, read_safetensors
-from flaxlm.model.lora import LoraConfig, _kernel_layout, adapters, apply_lora, projections
+from flaxlm.model.lora import LoraConfig, adapters, apply_lora, kernel_layout, projections
 from flaxlm.model.prompt_tuning import SoftPrompt, set_prompt
 
 CONFIG_FILE = "adapter_config.json"
@@ -208,7 +208,7 @@ def _load_lora(model, config: dict, tensors: dict, source: str, rngs: nnx.Rngs) 
         if path not in mods:
             raise CheckpointError(f"{source}: tensor {a_key} adapts {hf_module(path)}, which "
                                   f"this model ({model.config.num_layers} layers) does not have")
-        in_shape, out_shape, _, _ = _kernel_layout(mods[path])
+        in_shape, out_shape, _, _ = kernel_layout(mods[path])
         n_in, n_out = int(np.prod(in_shape)), int(np.prod(out_shape))
         for key, value, want in ((a_key, a, (rank, n_in)), (b_key, b, (n_out, rank))):
             if tuple(value.shape) != want:
