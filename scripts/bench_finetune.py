@@ -132,7 +132,7 @@ def peft_side(rank: int, rows: list[np.ndarray], preset: str | None):
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = peft.get_peft_model(hf_model(preset).float(), peft.LoraConfig(
+    model = peft.get_peft_model(hf_model(preset), peft.LoraConfig(
         task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
         target_modules=list(TARGETS))).to(device).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -180,13 +180,24 @@ def peak_memory_child(name: str, args) -> None:
     print(json.dumps({"side": name, "peak_rss_bytes": peak, "peak_device_bytes": device}))
 
 
-def peak_memory(name: str, args) -> dict:
-    argv = [sys.executable, __file__, "--memory-of", name, "--batch", str(args.batch),
-            "--seq-len", str(args.seq_len), "--rank", str(args.rank)]
-    if args.preset:
-        argv += ["--preset", args.preset]
-    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+def peak_memory(names: list[str], args) -> dict[str, dict]:
+    """Each side's peak memory, from one child process per side (run side by side: a
+    process's peak does not depend on the others; set JAX_COMPILATION_CACHE_DIR to let
+    the timed run reuse the children's compiled programs)."""
+    children = {}
+    for name in names:
+        argv = [sys.executable, __file__, "--memory-of", name, "--batch", str(args.batch),
+                "--seq-len", str(args.seq_len), "--rank", str(args.rank)]
+        if args.preset:
+            argv += ["--preset", args.preset]
+        children[name] = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    out = {}
+    for name, child in children.items():
+        stdout, _ = child.communicate()
+        if child.returncode != 0:
+            raise RuntimeError(f"the peak-memory run of {name} failed")
+        out[name] = json.loads(stdout.strip().splitlines()[-1])
+    return out
 
 
 def main() -> None:
@@ -205,7 +216,7 @@ def main() -> None:
     if args.memory_of:
         return peak_memory_child(args.memory_of, args)
     names = [s for s in args.sides.split(",") if s]
-    memory = {} if args.no_memory else {n: peak_memory(n, args) for n in names}
+    memory = {} if args.no_memory else peak_memory(names, args)
     rows = batches(vocab_of(args.preset), args.batch, args.seq_len)
     sides, trainable, first = {}, {}, {}
     for name in names:
