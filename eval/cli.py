@@ -38,6 +38,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model")
     m.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     m.add_argument("--quantize", choices=("int8",))
+    m.add_argument("--adapter", metavar="DIR",
+                   help="a PEFT adapter directory (LoRA or prompt tuning) on the model")
     m.add_argument("--mesh", metavar="AXIS=SIZE,...")
     m.add_argument("--verbose", action="store_true", help="log each program compilation")
 
@@ -95,10 +97,11 @@ def _run(args: argparse.Namespace) -> None:
     from flaxlm.infer.llm import LLM
 
     start = time.perf_counter()
+    adapter = {"adapter": args.adapter} if args.adapter else {}
     llm = LLM.load(args.model, dtype=args.dtype, quantize=args.quantize, mesh=args.mesh,
-                   max_batch=args.batch_size, verbose=args.verbose)
+                   max_batch=args.batch_size, verbose=args.verbose, **adapter)
     results = evaluate(llm, tasks)
-    report = {"model": args.model, "settings": {**settings.to_dict(),
+    report = {"model": args.model, "adapter": args.adapter, "settings": {**settings.to_dict(),
                                                 "batch_size": args.batch_size,
                                                 "dtype": args.dtype, "quantize": args.quantize},
               "tasks": {r.name: r.to_dict() for r in results}}

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from flaxlm.infer.engine import Programs, decode_step, prefill
+from flaxlm.infer.engine import Programs, decode_step, prefill, virtual_tokens
 from flaxlm.infer.generate import BatchTiming, Completion, Row, make_batch
 from flaxlm.infer.sampling import (MAX_LOGPROBS, _check_float, _check_ids, _check_int,
                                    check_early_stopping, eos_table)
@@ -314,8 +314,9 @@ def beam_start(model: Decoder, tokens: jax.Array, lengths: jax.Array, active: ja
     """tokens [batch, seq] right-padded, lengths [batch], active [batch] bool -> the search
     state before its first step: each prompt prefilled once, its cache copied to K beams."""
     batch = tokens.shape[0]
+    virtual = virtual_tokens(model)  # soft-prompt slots before each prompt
     cache, logits = prefill(model, tokens, lengths,
-                            KVCache.init(model.config, batch, cache_len).constrained())
+                            KVCache.init(model.config, batch, cache_len + virtual).constrained())
     beams = repeat_beams(cache.replace(end=None), num_beams).replace(end=cache.end)
     return _init_state(beams, repeat_beams(logits, num_beams), active, num_beams, max_new)
 

@@ -15,6 +15,10 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"a name, .gguf file or HF directory (default {DEFAULT_MODEL})")
+    p.add_argument("--adapter", metavar="DIR",
+                   help="a PEFT adapter directory (LoRA or prompt tuning) on top of the model")
+    p.add_argument("--merge", action="store_true",
+                   help="fold the LoRA adapter into the weights (default: serve it unmerged)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--verbose", action="store_true", help="log each program compilation")
     p.add_argument("--mesh", metavar="AXIS=SIZE,...",
@@ -98,7 +102,8 @@ def _parse_bias(item: str) -> tuple[int, float]:
 def _load(args):
     from flaxlm.infer.llm import LLM
 
-    return LLM.load(args.model, dtype=args.dtype, verbose=args.verbose, mesh=args.mesh)
+    return LLM.load(args.model, dtype=args.dtype, verbose=args.verbose, mesh=args.mesh,
+                    adapter=getattr(args, "adapter", None), merge=getattr(args, "merge", False))
 
 
 # ---------------------------------------------------------------- generate

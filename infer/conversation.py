@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 import jax
 import numpy as np
 
-from flaxlm.infer.engine import LoopState
+from flaxlm.infer.engine import LoopState, virtual_tokens
 from flaxlm.infer.generate import StreamEnd, bucket, make_batch, stream_loop
 from flaxlm.infer.sampling import SamplingParams
 from flaxlm.model.errors import ConfigError
@@ -66,7 +66,7 @@ class Conversation:
     def _reply(self, ids: list[int]) -> Iterator[tuple[str, StreamEnd | None]]:
         row = self.llm._rows([ids], self.params)[0]
         max_new = make_batch([row], self.llm.config.vocab_size).max_new
-        self._fit(len(ids) + max(CHUNK, max_new))
+        self._fit(len(ids) + virtual_tokens(self.llm.model) + max(CHUNK, max_new))
         b = make_batch([row], self.llm.config.vocab_size, prompt_len=self.capacity)
         loop = self._start(ids, b)
         pieces = []
@@ -89,13 +89,15 @@ class Conversation:
             self._cache = programs.empty_cache(1, self.capacity)
         keep = min(_shared_start(self._held, ids), len(ids) - 1)
         self.fed_tokens = len(ids) - keep
+        virtual = virtual_tokens(self.llm.model)  # a soft prompt's slots come first
         cache, logits = self._cache, None
         for begin in range(keep, len(ids), CHUNK):
             chunk = ids[begin:begin + CHUNK]
             tokens = np.zeros((1, CHUNK), np.int32)
             tokens[0, :len(chunk)] = chunk
             cache, logits = programs.feed(cache, tokens, np.array([len(chunk)], np.int32),
-                                          keep=begin)
+                                          keep=begin + virtual if begin else 0,
+                                          first=begin == 0)
         self._cache, self._held = None, []  # donated: held again once the turn ends
         return programs.begin(cache, logits, b.tokens, b.lengths, b.active, b.sampling,
                               max_new=b.max_new, top_n=b.top_n)
@@ -104,7 +106,8 @@ class Conversation:
         self.messages = [*self.messages, {"role": "assistant", "content": reply}]
         fed, generated = jax.device_get((loop.cache.lengths, loop.tokens))
         self._cache = loop.cache
-        self._held = ids + [int(t) for t in generated[0, :int(fed[0]) - len(ids)]]
+        fed = int(fed[0]) - virtual_tokens(self.llm.model)
+        self._held = ids + [int(t) for t in generated[0, :fed - len(ids)]]
 
 
 def _shared_start(a: list[int], b: list[int]) -> int:

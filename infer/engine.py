@@ -27,13 +27,22 @@ from flaxlm.model.decoder import Decoder
 from flaxlm.model.sharding import RULES, Rules, param_shardings, use_sharding
 
 
-def prefill(model: Decoder, tokens: jax.Array, lengths: jax.Array, cache: KVCache
-            ) -> tuple[KVCache, jax.Array]:
-    """tokens [batch, seq] right-padded to the bucket, lengths [batch] -> (cache, logits [batch, vocab])."""
+def prefill(model: Decoder, tokens: jax.Array, lengths: jax.Array, cache: KVCache, *,
+            soft_prompt: bool = True) -> tuple[KVCache, jax.Array]:
+    """tokens [batch, seq] right-padded to the bucket, lengths [batch] -> (cache, logits [batch, vocab]).
+    A model with a soft prompt runs its virtual tokens first (unless soft_prompt=False: a
+    prompt continued in a cache that holds them): they fill the first
+    `virtual_tokens(model)` slots."""
     mask = (jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]).astype(jnp.int32)
-    hidden, cache = model.hidden(tokens, attention_mask=mask, cache=cache)
+    hidden, cache = model.hidden(tokens, attention_mask=mask, cache=cache,
+                                 soft_prompt=soft_prompt)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
     return cache, model.logits(last)
+
+
+def virtual_tokens(model: Decoder) -> int:
+    """Cache slots a prefill spends on the model's soft prompt (0 without one)."""
+    return 0 if model.soft_prompt is None else model.soft_prompt.num_tokens
 
 
 def decode_step(model: Decoder, cache: KVCache, tokens: jax.Array) -> tuple[KVCache, jax.Array]:
@@ -106,22 +115,25 @@ def begin(model: Decoder, cache: KVCache, logits: jax.Array, tokens: jax.Array,
 def start(model: Decoder, tokens: jax.Array, lengths: jax.Array, active: jax.Array,
           sampling: SamplingArrays, *, cache_len: int, max_new: int, top_n: int) -> LoopState:
     """Prefill a right-padded batch and choose every row's first token."""
-    cache = KVCache.init(model.config, tokens.shape[0], cache_len).constrained()
+    cache = KVCache.init(model.config, tokens.shape[0],
+                         cache_len + virtual_tokens(model)).constrained()
     cache, logits = prefill(model, tokens, lengths, cache)
     return begin(model, cache, logits, tokens, lengths, active, sampling, max_new=max_new,
                  top_n=top_n)
 
 
 def feed(model: Decoder, cache: KVCache, tokens: jax.Array, lengths: jax.Array,
-         keep: jax.Array) -> tuple[KVCache, jax.Array]:
+         keep: jax.Array, *, first: bool = False) -> tuple[KVCache, jax.Array]:
     """One chunk of a single-row prompt into a cache that may hold an earlier prompt.
 
     The cache keeps its first `keep` tokens ([]: what the new prompt shares with
     what it holds); then tokens [1, chunk] (right-padded, `lengths` [1] >= 1 of
     them real) follow. Returns the cache and the logits [1, vocab] of the chunk's
-    last token. A prompt of any length runs as calls of this one program.
+    last token. A prompt of any length runs as calls of this one program. A model with
+    a soft prompt runs it before the chunk when `first` (static; `keep` = 0), and then
+    holds it in the first `virtual_tokens(model)` slots, which `keep` counts.
     """
-    return prefill(model, tokens, lengths, cache.truncated(keep))
+    return prefill(model, tokens, lengths, cache.truncated(keep), soft_prompt=first)
 
 
 def step(model: Decoder, loop: LoopState, sampling: SamplingArrays, *, top_n: int) -> LoopState:
@@ -160,6 +172,7 @@ class Programs:
         if mesh is not None:  # new arrays: the caller's model stays where it was
             self.state = jax.device_put(self.state, param_shardings(self.state, mesh, rules))
         self.config = model.config
+        self.virtual_tokens = virtual_tokens(model)
         self.compiled: dict[str, int] = {}
         self._on_compile = on_compile
         self._start = jax.jit(self._traced("start", start),
@@ -201,9 +214,13 @@ class Programs:
                             static_argnames=("batch", "cache_len"))
         return init(self.state, batch=batch, cache_len=cache_len)
 
-    def feed(self, cache: KVCache, tokens, lengths, keep: int) -> tuple[KVCache, jax.Array]:
-        run = self.program("feed", feed, donate_argnums=(1,))
-        return run(self.state, cache, tokens, lengths, jnp.asarray(keep, jnp.int32))
+    def feed(self, cache: KVCache, tokens, lengths, keep: int, *, first: bool = False
+             ) -> tuple[KVCache, jax.Array]:
+        run = self.program("feed", feed, donate_argnums=(1,), static_argnames=("first",))
+        # Only a soft prompt makes the first chunk different: one program otherwise.
+        first = bool(first) and self.virtual_tokens > 0
+        return run(self.state, cache, tokens, lengths, jnp.asarray(keep, jnp.int32),
+                   first=first)
 
     def begin(self, cache: KVCache, logits, tokens, lengths, active, sampling, *, max_new,
               top_n) -> LoopState:

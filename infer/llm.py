@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 from flaxlm.infer.beam import BeamParams, run_beam_batch
 from flaxlm.infer.conversation import DEFAULT_CAPACITY, Conversation
 from flaxlm.infer.embedding import POOLINGS, embed_ids
-from flaxlm.infer.engine import Programs
+from flaxlm.infer.engine import Programs, virtual_tokens
 from flaxlm.infer.generate import TOP_LOGPROBS, Completion, Row, StreamEnd, run_batch, stream_row
 from flaxlm.infer.sampling import SamplingParams
 from flaxlm.infer.scoring import (Item, Loglikelihood, RollingLoglikelihood, encode_pair,
@@ -24,6 +24,8 @@ from flaxlm.model.decoder import Decoder
 from flaxlm.model.compile_cache import enable_compile_cache
 from flaxlm.model.errors import ConfigError
 from flaxlm.model.loading import load
+from flaxlm.model.lora import merge_lora
+from flaxlm.model.peft_io import load_adapter, read_adapter
 from flaxlm.model.sharding import make_mesh
 from flaxlm.model.tokenizer import Tokenizer
 
@@ -85,13 +87,28 @@ class LLM:
     @classmethod
     def load(cls, name_or_path: str | os.PathLike, *, dtype: str = "float32",
              max_batch: int = 64, verbose: bool = False, quantize: str | None = None,
-             mesh: Mesh | str | Mapping[str, int] | None = None) -> LLM:
+             mesh: Mesh | str | Mapping[str, int] | None = None,
+             adapter: str | os.PathLike | None = None, merge: bool = False) -> LLM:
         """Any name or path `flaxlm.model.load` accepts; quantize="int8" for int8 weights;
         mesh: a `jax.sharding.Mesh` with axes data/fsdp/tensor, or their sizes
-        ({"data": 2, "tensor": 4} or "data=2,tensor=4") to shard the model over."""
+        ({"data": 2, "tensor": 4} or "data=2,tensor=4") to shard the model over.
+        adapter: a PEFT adapter directory (LoRA or prompt tuning, flaxlm.model.peft_io) put
+        on the base; served unmerged, or with merge=True a LoRA adapter folded into the
+        float weights (an int8 base is served unmerged only)."""
         mesh = make_mesh(mesh) if mesh is not None else None  # checked before loading
+        if merge and adapter is None:
+            raise ConfigError("merge=True folds an adapter into the model; no adapter given")
+        if adapter is not None:
+            read_adapter(adapter)  # a bad directory is named before the model loads
         enable_compile_cache()  # before loading compiles anything
         model, tokenizer = load(name_or_path, dtype=dtype, quantize=quantize)
+        if adapter is not None:
+            kind = load_adapter(model, adapter)
+            if merge and kind != "lora":
+                raise ConfigError(f"{adapter}: a {kind} adapter has no weights to merge; "
+                                  "serve it with merge=False")
+            if merge:
+                merge_lora(model)
         return cls(model, tokenizer, max_batch=max_batch, verbose=verbose, mesh=mesh)
 
     @property
@@ -236,13 +253,16 @@ class LLM:
             raise ConfigError(f"prompt {index} has token ids outside the vocabulary "
                               f"[0, {vocab}): {bad[:5]}")
         params.check_vocab(vocab)
-        room = self.config.max_seq_len - params.max_new_tokens
+        virtual = virtual_tokens(self.model)  # a soft prompt's virtual tokens come first
+        room = self.config.max_seq_len - params.max_new_tokens - virtual
         if len(ids) > room:
             if not truncate or room < 1:
+                prompt = f" and {virtual} virtual tokens" if virtual else ""
                 raise ConfigError(
                     f"prompt {index} has {len(ids)} tokens; with max_new_tokens="
-                    f"{params.max_new_tokens} the model's context of {self.config.max_seq_len} "
-                    f"leaves room for {max(room, 0)} (pass truncate=True to keep the last ones)")
+                    f"{params.max_new_tokens}{prompt} the model's context of "
+                    f"{self.config.max_seq_len} leaves room for {max(room, 0)} "
+                    "(pass truncate=True to keep the last ones)")
             ids = ids[-room:]
         return ids
 

@@ -146,6 +146,15 @@ class Decoder(nnx.Module):
                      `cache.end + seq <= cache.max_len`.
     Returns logits [batch, seq, vocab] in float32, and the updated cache when
     one was given.
+
+    With a soft prompt (`soft_prompt`, set by flaxlm.model.prompt_tuning) the model
+    runs its N virtual tokens, at positions 0..N-1, before every sequence: each input
+    position moves up by N, and every real token (of any packed document) attends to
+    the virtual tokens, which attend only to each other; so a packed row equals its
+    documents run one by one after the prompt. Outputs cover the input tokens only.
+    Without a cache the prompt is always prepended; with one only when
+    `soft_prompt=True` (the prefill; its keys/values fill the first N slots and the
+    cache lengths count them, so decode steps continue after them).
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -167,10 +176,13 @@ class Decoder(nnx.Module):
                        (config.embed_dim, config.vocab_size), ("embed", "vocab"), param_dtype))
         # Set with an int8 lm_head [vocab, embed] (flaxlm.model.quant): scales [vocab, groups].
         self.lm_head_scale = None
+        self.soft_prompt = None  # virtual-token embeddings (flaxlm.model.prompt_tuning)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 attention_mask: jax.Array | None = None, cache: KVCache | None = None):
-        x, new_cache, _ = self._forward(tokens, positions, attention_mask, cache)
+                 attention_mask: jax.Array | None = None, cache: KVCache | None = None, *,
+                 soft_prompt: bool | None = None):
+        x, new_cache, _ = self._forward(tokens, positions, attention_mask, cache,
+                                        soft_prompt=soft_prompt)
         logits = self.logits(x)
         return logits if cache is None else (logits, new_cache)
 
@@ -182,10 +194,11 @@ class Decoder(nnx.Module):
         return self.logits(x), router_logits
 
     def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
-               attention_mask: jax.Array | None = None, cache: KVCache | None = None
-               ) -> tuple[jax.Array, KVCache | None]:
+               attention_mask: jax.Array | None = None, cache: KVCache | None = None, *,
+               soft_prompt: bool | None = None) -> tuple[jax.Array, KVCache | None]:
         """Final-norm hidden states [batch, seq, embed] and the updated cache (or None)."""
-        x, new_cache, _ = self._forward(tokens, positions, attention_mask, cache)
+        x, new_cache, _ = self._forward(tokens, positions, attention_mask, cache,
+                                        soft_prompt=soft_prompt)
         return x, new_cache
 
     def trace(self, tokens: jax.Array, positions: jax.Array | None = None,
@@ -199,7 +212,8 @@ class Decoder(nnx.Module):
         return Trace(logits=self.logits(x), residual=jnp.stack(inside["residual"]),
                      attention=jnp.stack(inside["attention"]))
 
-    def _forward(self, tokens, positions, attention_mask, cache, inside=None):
+    def _forward(self, tokens, positions, attention_mask, cache, inside=None, *,
+                 soft_prompt=None):
         cfg = self.config
         segments = (jnp.ones_like(tokens, dtype=jnp.int32) if attention_mask is None
                     else attention_mask.astype(jnp.int32))
@@ -209,10 +223,18 @@ class Decoder(nnx.Module):
                 raise ValueError("an explicit [batch, seq, seq] attention mask needs positions")
             positions = start[:, None] + jnp.maximum(jnp.cumsum(segments != 0, axis=1) - 1, 0)
         schedule = layer_schedule(cfg)
-        masks, written = self._masks(positions, segments, cache, {w for w, _ in schedule})
+        windows = {w for w, _ in schedule}
+        prompt = self._prompt(cache, soft_prompt)
+        if prompt is None:
+            masks, written = self._masks(positions, segments, cache, windows)
+        else:
+            positions, masks, written = self._prompt_masks(
+                prompt.num_tokens, start, positions, segments, cache, windows)
         ropes = self._ropes(positions, {r for _, r in schedule} - {None})
 
         x = self.embed(tokens)  # [batch, seq, embed]
+        if prompt is not None:  # [batch, N + seq, embed]
+            x = jnp.concatenate([prompt(tokens.shape[0], x.dtype), x], axis=1)
         if cfg.scale_embeddings:
             # HF multiplies by sqrt(embed_dim) rounded to the weights' dtype.
             x = x * jnp.asarray(embed_scale(cfg.embed_dim), cfg.param_dtype).astype(x.dtype)
@@ -239,6 +261,9 @@ class Decoder(nnx.Module):
                 router_logits.append(logits)
         if inside is not None:
             inside["residual"].append(x)
+        if prompt is not None:  # outputs for the input tokens only
+            x = x[:, prompt.num_tokens:]
+            router_logits = [r[:, prompt.num_tokens:] for r in router_logits]
         x = self.final_norm(x)
         new_cache = None if cache is None else written.replace(layers=tuple(new_layers))
         return x, new_cache, tuple(router_logits)
@@ -254,6 +279,39 @@ class Decoder(nnx.Module):
                 tables[kind] = rope_table(positions, cfg.rotary_dim, cfg.rope_theta,
                                           cfg.rope_scaling)
         return tables
+
+    def _prompt(self, cache, soft_prompt):
+        """The soft prompt to prepend in this call, or None."""
+        if self.soft_prompt is None or soft_prompt is False:
+            return None
+        return self.soft_prompt if cache is None or soft_prompt else None
+
+    def _prompt_masks(self, n, start, positions, segments, cache, windows):
+        """(positions, masks, cache bookkeeping as `_masks` gives it) of [N virtual tokens,
+        input]: the virtual tokens at start + 0..N-1, the input's positions moved up by N."""
+        batch = segments.shape[0]
+        virtual = start[:, None] + jnp.arange(n, dtype=positions.dtype)[None, :]
+        full = jnp.concatenate([virtual, positions + n], axis=1)  # [batch, N + seq]
+        if cache is not None:  # the virtual tokens are the row's first stretch
+            if segments.ndim == 3:
+                raise ValueError("an explicit [batch, seq, seq] attention mask takes no cache")
+            q_segments = jnp.concatenate([jnp.ones((batch, n), jnp.int32),
+                                          (segments != 0).astype(jnp.int32)], axis=1)
+            masks, written = self._masks(full, q_segments, cache, windows)
+            return full, masks, written
+        if segments.ndim == 3:
+            real, real_q = segments != 0, jnp.any(segments != 0, axis=-1)
+        else:
+            real = attention_mask(positions, segments, positions, segments, None)
+            real_q = segments != 0
+        t = positions.shape[1]
+        causal = jnp.broadcast_to(jnp.tril(jnp.ones((n, n), bool)), (batch, n, n))
+        top = jnp.concatenate([causal, jnp.zeros((batch, n, t), bool)], axis=2)
+        bottom = jnp.concatenate([jnp.broadcast_to(real_q[:, :, None], (batch, t, n)), real],
+                                 axis=2)
+        base = jnp.concatenate([top, bottom], axis=1)  # [batch, N + seq, N + seq]
+        distance = full[:, :, None] - full[:, None, :]
+        return full, {w: base if w is None else base & (distance < w) for w in windows}, None
 
     def _masks(self, positions, segments, cache, windows):
         """One mask [batch, seq, seq] per distinct window (with a cache a pair: over its

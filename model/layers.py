@@ -56,6 +56,7 @@ class Einsum(nnx.Module):
         self.bias = (make_param(rngs, jax.nn.initializers.zeros, tuple(bias_shape),
                                 bias_axes, param_dtype)
                      if bias_shape is not None else None)
+        self.lora = None  # a LoRA adapter (flaxlm.model.lora.apply_lora)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # One 2-D matmul x[..., in] @ kernel[in, out] over the flattened axes. Flattening
@@ -68,6 +69,8 @@ class Einsum(nnx.Module):
         y = jnp.matmul(x2, kernel.reshape(x2.shape[-1], -1)).reshape(*lead, *out)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora is not None:
+            y = y + self.lora(x2).reshape(*lead, *out)
         return y
 
 

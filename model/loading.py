@@ -16,6 +16,7 @@ from flaxlm.model.hf_config import config_from_hf
 from flaxlm.model.hf_export import config_to_hf
 from flaxlm.model.hf_io import read_hf_dir, write_hf_dir
 from flaxlm.model.hf_weights import params_from_hf, params_to_hf
+from flaxlm.model.lora import adapters
 from flaxlm.model.params import build_model, flat_params
 from flaxlm.model.quant import int8_model, is_quantized, load_int8_tensors
 from flaxlm.model.quant_io import QUANTIZATION_CONFIG, gguf_int8_params, is_int8_checkpoint
@@ -97,6 +98,10 @@ def save_hf(model: Decoder, tokenizer: Tokenizer | None, directory: str | os.Pat
     An int8 model is written in the flaxlm int8 format instead (flaxlm.model.quant_io),
     which `load` reads back bit-exactly and transformers refuses."""
     config: ModelConfig = model.config
+    if adapters(model) or model.soft_prompt is not None:
+        raise ConfigError("the model carries an adapter, which an HF model directory cannot "
+                          "hold: merge_lora(model) first, or write the adapter with "
+                          "flaxlm.model.peft_io.save_adapter")
     params = {k: np.asarray(v) for k, v in flat_params(model).items()}
     bos = tokenizer.bos_token_id if tokenizer is not None else None
     eos = list(tokenizer.eos_token_ids) if tokenizer is not None else []

@@ -47,6 +47,7 @@ class QuantEinsum(nnx.Module):
         num_out = scale.ndim - 1
         self.scale = nnx.Param(scale, logical_axes=tuple(kernel_axes[:num_out]) + (None,))
         self.bias = bias
+        self.lora = None  # float LoRA adapter over the frozen int8 weight (flaxlm.model.lora)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel, scale = self.kernel[...], self.scale[...]
@@ -54,11 +55,13 @@ class QuantEinsum(nnx.Module):
         num_in = kernel.ndim - len(out_shape)
         lead = x.shape[:x.ndim - num_in]
         n = int(np.prod(out_shape))
-        y = int8_matmul(x.astype(self.dtype).reshape(*lead, -1), kernel.reshape(n, -1),
-                        scale.reshape(n, -1))
+        x2 = x.astype(self.dtype).reshape(*lead, -1)
+        y = int8_matmul(x2, kernel.reshape(n, -1), scale.reshape(n, -1))
         y = y.astype(self.dtype).reshape(*lead, *out_shape)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora is not None:
+            y = y + self.lora(x2).reshape(*lead, *out_shape)
         return y
 
 

@@ -1,8 +1,9 @@
-"""`flaxlm train`, `flaxlm tokenizer train`, `flaxlm plot` and `flaxlm export`."""
+"""`flaxlm train`, `flaxlm finetune`, `flaxlm tokenizer train`, `flaxlm plot`, `flaxlm export`."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -55,18 +56,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(recipe, args.init, args.devices)
     run_dir = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    result = train(recipe, run_dir, init=args.init)
-    summary = f"step {result.step}"
-    if result.loss is not None:
-        summary += f", loss {result.loss:.4f}"
-    if result.eval_loss is not None:
-        summary += f", held-out loss {result.eval_loss:.4f}"
-    if result.stopped_by is not None:
-        print(f"{result.stopped_by}: stopped at {summary}; checkpoint saved in "
-              f"{run_dir / 'checkpoints'}; run the same command to resume", file=sys.stderr)
-        return SIGNAL_EXIT_CODES[result.stopped_by]
-    print(f"done: {summary}; run directory {run_dir}")
-    return 0
+    return _finish(train(recipe, run_dir, init=args.init), run_dir)
 
 
 def _dry_run(recipe, init: str | None, devices: int | None) -> int:
@@ -83,6 +73,94 @@ def _dry_run(recipe, init: str | None, devices: int | None) -> int:
 
 train_command = Command("pretrain or fine-tune a causal LM from a recipe (resumes a run)",
                         _train_arguments, _train)
+
+
+# ---------------------------------------------------------------- finetune
+
+def _finetune_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, metavar="FILE",
+                   help="a recipe with a [finetune] table, e.g. "
+                        "configs/finetune/smollm2-lora-docstrings.toml")
+    p.add_argument("--out", metavar="RUN_DIR",
+                   help="checkpoints (trainable state only), metrics.jsonl, TensorBoard "
+                        "events, loss.png, report.json (default runs/RECIPE_NAME); re-running "
+                        "resumes from it")
+    p.add_argument("--steps", type=int, metavar="N", help="train to step N (sets train.steps)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a recipe setting, e.g. finetune.lora_rank=16 (repeatable)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in RUN_DIR: remove its checkpoints, metrics and export")
+    p.add_argument("--no-report", action="store_true",
+                   help="skip the closing base-vs-tuned evaluation on held-out docstrings")
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from flaxlm.model.errors import ConfigError
+    from flaxlm.train.finetune import finetune
+    from flaxlm.train.recipe import Recipe
+
+    overrides = tuple(args.overrides) + ((f"train.steps={args.steps}",) if args.steps else ())
+    recipe = Recipe.load(args.config, overrides)
+    if recipe.finetune is None:
+        raise ConfigError(f"{args.config}: no [finetune] table (base, method, ...); "
+                          "`flaxlm train` runs pretraining recipes")
+    run_dir = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    result = finetune(recipe, run_dir, overwrite=args.overwrite)
+    code = _finish(result, run_dir)
+    if code == 0 and not args.no_report and not recipe.data.files \
+            and recipe.finetune.report_examples:
+        _report(run_dir, recipe)
+    return code
+
+
+def _finish(result, run_dir: Path) -> int:
+    summary = f"step {result.step}"
+    if result.loss is not None:
+        summary += f", loss {result.loss:.4f}"
+    if result.eval_loss is not None:
+        summary += f", held-out loss {result.eval_loss:.4f}"
+    if result.stopped_by is not None:
+        print(f"{result.stopped_by}: stopped at {summary}; checkpoint saved in "
+              f"{run_dir / 'checkpoints'}; run the same command to resume", file=sys.stderr)
+        return SIGNAL_EXIT_CODES[result.stopped_by]
+    print(f"done: {summary}; run directory {run_dir}")
+    return 0
+
+
+def _report(run_dir: Path, recipe) -> None:
+    """Held-out docstrings (loss, ROUGE-L) for the base and the tuned model, with `flaxlm
+    eval` (through the command registry: flaxlm.train does not import the evaluation code);
+    the tuned model is the run's export in RUN_DIR/export."""
+    from flaxlm.model.cli import main
+    from flaxlm.model.errors import FlaxlmError
+    from flaxlm.train.finetune import export_finetuned
+
+    ft = recipe.finetune
+    export = export_finetuned(run_dir, run_dir / "export", overwrite=True)
+    common = ["--task", "docstrings", "--chat", "--limit", str(ft.report_examples),
+              "--max-new-tokens", str(ft.report_max_new_tokens),
+              *(["--quantize", "int8"] if ft.quantize else [])]
+    tuned = [str(export)] if ft.method == "full" else [ft.base, "--adapter", str(export)]
+    results = {}
+    for name, model in (("base", [ft.base]), ("tuned", tuned)):
+        out = run_dir / f"report-{name}.json"
+        if main(["eval", *model, *common, "--out", str(out)]) != 0:
+            raise FlaxlmError(f"the {name} model's evaluation failed (see above)")
+        metrics = json.loads(out.read_text())["tasks"]["docstrings"]["metrics"]
+        results[name] = {k: metrics[k]["value"] for k in ("loss", "rougeL")}
+        out.unlink()
+    (run_dir / "report.json").write_text(json.dumps(
+        {"task": "docstrings (held-out test split, chat)", "examples": ft.report_examples,
+         **results}, indent=2) + "\n")
+    print(f"held-out docstrings ({ft.report_examples} examples): "
+          f"loss {results['base']['loss']:.4f} -> {results['tuned']['loss']:.4f}, "
+          f"ROUGE-L {results['base']['rougeL']:.4f} -> {results['tuned']['rougeL']:.4f} "
+          f"(base -> tuned; {run_dir / 'report.json'})")
+
+
+finetune_command = Command("fine-tune a model on chats (SFT): full, LoRA or prompt tuning, "
+                           "from a recipe with a [finetune] table (resumes a run)",
+                           _finetune_arguments, _finetune)
 
 
 # ---------------------------------------------------------------- tokenizer train
@@ -136,15 +214,32 @@ plot_command = Command("plot a training run's loss curve to a PNG", _plot_argume
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("out", metavar="DIR", help="Hugging Face directory to write")
+    p.add_argument("out", metavar="DIR",
+                   help="the directory to write: a Hugging Face model, or for a LoRA or "
+                        "prompt-tuning run a PEFT adapter directory")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--merge", action="store_true",
+                   help="LoRA: fold the adapters into the weights and write a whole model")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty DIR")
 
 
 def _export(args: argparse.Namespace) -> None:
-    from flaxlm.train.checkpoint import export_hf
+    from flaxlm.model.errors import ConfigError
+    from flaxlm.train.checkpoint import export_hf, read_run_file
+    from flaxlm.train.finetune import check_out_dir, export_finetuned
 
-    print(f"wrote {export_hf(args.run_dir, args.out, args.step)}")
+    recipe, _, _ = read_run_file(Path(args.run_dir))
+    if recipe.finetune is not None:
+        out = export_finetuned(args.run_dir, args.out, args.merge, args.step, args.overwrite)
+    elif args.merge:
+        raise ConfigError(f"{args.run_dir}: --merge is for LoRA runs; this run trained "
+                          "every weight")
+    else:
+        check_out_dir(Path(args.out), args.overwrite)
+        out = export_hf(args.run_dir, args.out, args.step)
+    print(f"wrote {out}")
 
 
-export_command = Command("export a training checkpoint to a Hugging Face directory",
+export_command = Command("export a training checkpoint: a Hugging Face directory, or a "
+                         "fine-tuning run's PEFT adapter (--merge: the merged model)",
                          _export_arguments, _export)

@@ -32,6 +32,8 @@ class Batch:
     tokens: np.ndarray       # [..., seq_len + 1] token ids (int32)
     segment_ids: np.ndarray  # [..., seq_len + 1] 0 for padding, 1, 2, ... per document in a row
     positions: np.ndarray    # [..., seq_len + 1] position within its document
+    loss_mask: np.ndarray | None = None  # [..., seq_len + 1] 1 where the token is a target the
+                                         # loss covers (fine-tuning: assistant tokens); None: all
 
 
 @dataclasses.dataclass(frozen=True)

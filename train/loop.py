@@ -92,7 +92,12 @@ class _StopSignals:
 
 
 def train(recipe: Recipe, run_dir: str | Path, init: str | None = None) -> RunResult:
-    run = prepare(recipe, run_dir, init)
+    return execute(prepare(recipe, run_dir, init))
+
+
+def execute(run: Run) -> RunResult:
+    """Train a prepared run (`prepare`, or flaxlm.train.finetune's) to its recipe's steps."""
+    recipe = run.recipe
     log = MetricsLog(run.run_dir, recipe.log.tensorboard)
     start = int(run.state.step)
     progress = Progress(recipe.train.steps, start, recipe.log.progress)

@@ -61,6 +61,8 @@ class Run:
 
 
 def prepare(recipe: Recipe, run_dir: str | Path, init: str | None = None) -> Run:
+    if recipe.finetune is not None:
+        raise ConfigError("the recipe has a [finetune] table: run it with `flaxlm finetune`")
     run_dir = _writable_dir(Path(run_dir))
     previous = read_run_file(run_dir) if (run_dir / RUN_FILE).is_file() else None
     checkpoints = Checkpoints(run_dir, recipe.checkpoint)

@@ -10,6 +10,8 @@ A recipe has one table per concern:
     [train]       steps, batch_size, grad_accum, seed
     [checkpoint]  every, keep, async_save
     [log]         every, eval_every, eval_batches, peak_tflops, progress, tensorboard, plot
+    [finetune]    base, method (full | lora | prompt), freeze, lora_*, prompt_*, report_*
+                  (`flaxlm finetune` only; see FinetuneConfig)
 
 Every key is checked: an unknown one is an error naming the nearest valid key.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import tomllib
 import types
 import typing
@@ -44,6 +47,8 @@ class DataConfig:
     seed: int = 0                 # the shuffle and the held-out split
     read_threads: int = 2         # threads that read and tokenize documents
     prefetch: int = 64            # documents read ahead
+    train_on: str = "all"         # fine-tuning: the loss covers every assistant turn ("all")
+                                  # or only the last one ("last")
 
     def __post_init__(self):
         _check(self.format in ("auto", "text", "jsonl", "parquet"),
@@ -53,6 +58,8 @@ class DataConfig:
                f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
         _check(self.read_threads >= 1, f"data.read_threads must be >= 1, got {self.read_threads}")
         _check(self.prefetch >= 1, f"data.prefetch must be >= 1, got {self.prefetch}")
+        _check(self.train_on in ("all", "last"),
+               f"data.train_on {self.train_on!r} is not one of all, last")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,8 +153,66 @@ class LogConfig:
         _check(self.peak_tflops >= 0, f"log.peak_tflops must be >= 0, got {self.peak_tflops}")
 
 
+METHODS = ("full", "lora", "prompt")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """What `flaxlm finetune` adapts and how (its data: SFT chats, flaxlm.train.sft)."""
+
+    base: str = "smollm2-135m-instruct"  # the model to adapt (any name/path flaxlm.model.load takes)
+    quantize: str = ""            # "int8": a frozen int8 base (LoRA / prompt only, QLoRA-style)
+    method: str = "lora"          # full | lora | prompt
+    freeze: tuple[str, ...] = ()  # full: regexes; parameters whose path (e.g. "embed.embedding",
+                                  # "layers.0.attn.q_proj.kernel") matches one stay frozen
+    lora_rank: int = 8
+    lora_alpha: float = 16.0      # scaling alpha / rank (alpha / sqrt(rank) with lora_rslora)
+    lora_dropout: float = 0.0     # on the adapter's input, in training only
+    lora_rslora: bool = False
+    lora_targets: tuple[str, ...] = ()  # module-name regexes; empty: flaxlm.model.lora's default
+                                        # (q, k, v, o, gate, up, down projections or fused forms)
+    prompt_tokens: int = 20       # virtual tokens prepended to every input
+    prompt_init: str = "text"     # "text" (embeddings of prompt_init_text, as PEFT) | "random"
+    prompt_init_text: str = "Write the docstring of this Python function."
+    report_examples: int = 100    # held-out docstrings scored (loss, ROUGE-L) for the base and
+                                  # the tuned model at the end; 0: no report
+    report_max_new_tokens: int = 48
+
+    def __post_init__(self):
+        _check(self.method in METHODS,
+               f"finetune.method {self.method!r} is not one of {', '.join(METHODS)}")
+        _check(bool(self.base), "finetune.base must name the model to fine-tune")
+        _check(self.quantize in ("", "int8"),
+               f"finetune.quantize {self.quantize!r} is not \"\" or \"int8\"")
+        _check(not (self.quantize and self.method == "full"),
+               "finetune.quantize = \"int8\" freezes the base: use method lora or prompt")
+        _check(not (self.freeze and self.method != "full"),
+               f"finetune.freeze is for method full; method {self.method!r} trains only its "
+               "adapter")
+        _check(self.lora_rank > 0, f"finetune.lora_rank must be > 0, got {self.lora_rank}")
+        _check(self.lora_alpha > 0, f"finetune.lora_alpha must be > 0, got {self.lora_alpha}")
+        _check(0 <= self.lora_dropout < 1,
+               f"finetune.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        _check(self.prompt_tokens > 0,
+               f"finetune.prompt_tokens must be > 0, got {self.prompt_tokens}")
+        _check(self.prompt_init in ("text", "random"),
+               f"finetune.prompt_init {self.prompt_init!r} is not one of text, random")
+        _check(self.prompt_init != "text" or bool(self.prompt_init_text),
+               "finetune.prompt_init = \"text\" needs a non-empty finetune.prompt_init_text")
+        _check(self.report_examples >= 0,
+               f"finetune.report_examples must be >= 0, got {self.report_examples}")
+        _check(self.report_max_new_tokens >= 1, "finetune.report_max_new_tokens must be >= 1")
+        for pattern in self.freeze + self.lora_targets:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"finetune: {pattern!r} is not a regular expression ({e})")
+
+
 SECTIONS = {"tokenizer": TokenizerConfig, "data": DataConfig, "optimizer": OptimizerConfig,
-            "train": TrainConfig, "checkpoint": CheckpointConfig, "log": LogConfig}
+            "train": TrainConfig, "checkpoint": CheckpointConfig, "log": LogConfig,
+            "finetune": FinetuneConfig}
+OPTIONAL_SECTIONS = ("finetune",)  # None when the file has no such table
 MODEL_KEYS = ("preset", *(f.name for f in dataclasses.fields(ModelConfig)))
 # Model settings that change how a model runs, not its parameters.
 RUNTIME_MODEL_KEYS = ("dtype", "param_dtype", "remat")
@@ -162,6 +227,7 @@ class Recipe:
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
+    finetune: FinetuneConfig | None = None   # set by a [finetune] table: `flaxlm finetune`
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "recipe") -> Recipe:
@@ -169,7 +235,8 @@ class Recipe:
         _check_keys(data, source)
         try:
             sections = {name: _build_section(kind, data.get(name, {}), name, source)
-                        for name, kind in SECTIONS.items()}
+                        for name, kind in SECTIONS.items()
+                        if name in data or name not in OPTIONAL_SECTIONS}
             recipe = cls(model=types.MappingProxyType(dict(data.get("model", {}))), **sections)
             if set(recipe.model) - set(RUNTIME_MODEL_KEYS):
                 recipe.model_config()  # validate the model table now
@@ -209,9 +276,13 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         out = {"model": dict(self.model)}
-        out.update({name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS})
+        out.update({name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS
+                    if getattr(self, name) is not None})
         out["data"]["files"] = list(self.data.files)
         out["train"]["rules"] = list(self.train.rules)
+        if self.finetune is not None:
+            out["finetune"]["freeze"] = list(self.finetune.freeze)
+            out["finetune"]["lora_targets"] = list(self.finetune.lora_targets)
         return out
 
 

@@ -1,7 +1,12 @@
 """The train and eval steps: pure functions of (state, batch), compiled once with `jax.jit`.
 
 The model is split once (`graphdef, params = nnx.split(model, nnx.Param)`); the
-params travel in a `TrainState` that the train step donates and returns. The
+params travel in a `TrainState` that the train step donates and returns. When only
+part of the model trains (fine-tuning: LoRA adapters, a soft prompt, all but frozen
+weights), the split is three-way, `graphdef, params, frozen = nnx.split(model,
+trainable, ...)`: `params` (and the optimizer state) hold only the trainable part,
+only it is differentiated, and `frozen` is an argument of both steps that is
+neither donated nor returned. The
 loss is the mean next-token cross-entropy over the tokens that have a next token
 in the same document: padding (segment 0) and the last token of each document
 (which would otherwise predict the next document's first token) are masked.
@@ -80,11 +85,40 @@ def abstract_state(config: ModelConfig, optimizer: optax.GradientTransformation
     return graphdef, state
 
 
-def _forward(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch
+def merge(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State | None = None):
+    """The model of a split: `params`, and `frozen` when the model was split three ways."""
+    return nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
+
+
+def _reseeded(frozen: nnx.State, key: jax.Array) -> tuple[nnx.State, bool]:
+    """`frozen` with its RNG streams (LoRA dropout's) drawn afresh from `key` (uint32 [2]),
+    as new variables (the split's own cannot change inside a trace); and whether it has any."""
+    flat = nnx.to_flat_state(frozen)
+    keys = [i for i, (_, v) in enumerate(flat) if isinstance(v, nnx.RngKey)]
+    if not keys:
+        return frozen, False
+    out = []
+    for i, (path, var) in enumerate(flat):
+        if isinstance(var, nnx.RngKey):
+            var = var.replace(jax.random.wrap_key_data(jax.random.fold_in(key, i)))
+        elif isinstance(var, nnx.RngCount):
+            var = var.replace(jnp.zeros_like(var.get_value()))
+        out.append((path, var))
+    return nnx.from_flat_state(out), True
+
+
+def _forward(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch,
+             frozen: nnx.State | None = None, key: jax.Array | None = None
              ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per-token cross-entropy [b, seq_len], its mask, and the load-balancing loss
-    over the input tokens (0.0 for a model without MoE layers)."""
-    model = nnx.merge(graphdef, params)
+    over the input tokens (0.0 for a model without MoE layers). With `key`, random
+    layers (dropout) are on, drawn from it."""
+    random = False
+    if key is not None and frozen is not None:
+        frozen, random = _reseeded(frozen, key)
+    model = merge(graphdef, params, frozen)
+    if random:
+        model.train()  # dropout on (created off), drawing from the fresh keys
     segments = batch.segment_ids
     inputs = dict(positions=batch.positions[:, :-1], attention_mask=segments[:, :-1])
     router = jnp.zeros((), jnp.float32)
@@ -96,13 +130,15 @@ def _forward(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch
         logits = model(batch.tokens[:, :-1], **inputs)  # [b, seq_len, vocab] float32
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch.tokens[:, 1:])
     mask = (segments[:, 1:] == segments[:, :-1]) & (segments[:, :-1] != 0)
+    if batch.loss_mask is not None:
+        mask = mask & (batch.loss_mask[:, 1:] != 0)
     return losses, mask, router
 
 
-def token_losses(graphdef: nnx.GraphDef, params: nnx.State,
-                 batch: Batch) -> tuple[jax.Array, jax.Array]:
+def token_losses(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch,
+                 frozen: nnx.State | None = None) -> tuple[jax.Array, jax.Array]:
     """Per-token cross-entropy [b, seq_len] and its mask [b, seq_len] (True = counted)."""
-    losses, mask, _ = _forward(graphdef, params, batch)
+    losses, mask, _ = _forward(graphdef, params, batch, frozen)
     return losses, mask
 
 
@@ -111,43 +147,48 @@ def _sums(losses: jax.Array, mask: jax.Array) -> LossSum:
                    count=jnp.sum(mask, dtype=jnp.float32))
 
 
-def loss_sum(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch) -> LossSum:
-    return _sums(*token_losses(graphdef, params, batch))
+def loss_sum(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch,
+             frozen: nnx.State | None = None) -> LossSum:
+    return _sums(*token_losses(graphdef, params, batch, frozen))
 
 
-def _summed_grads(graphdef, params, batch: Batch, router_coef: float
-                  ) -> tuple[LossSum, jax.Array, nnx.State]:
-    """Loss sum, count-weighted router-loss sum and the objective's gradient over
-    micro-batches batch[i] ([grad_accum, micro, ...])."""
-    def total(p, micro):
-        losses, mask, router = _forward(graphdef, p, micro)
+def _summed_grads(graphdef, params, batch: Batch, router_coef: float, frozen=None,
+                  key: jax.Array | None = None) -> tuple[LossSum, jax.Array, nnx.State]:
+    """Loss sum, count-weighted router-loss sum and the objective's gradient (with
+    respect to `params` only) over micro-batches batch[i] ([grad_accum, micro, ...]);
+    micro-batch i draws its dropout from fold_in(key, i)."""
+    def total(p, micro, index):
+        micro_key = None if key is None else jax.random.fold_in(key, index)
+        losses, mask, router = _forward(graphdef, p, micro, frozen, micro_key)
         terms = _sums(losses, mask)
         weighted = router * terms.count
         return terms.total + router_coef * weighted, (terms, weighted)
 
     grad_fn = jax.value_and_grad(total, has_aux=True)
 
-    def accumulate(carry, micro):
+    def accumulate(carry, inputs):
         terms, router, grads = carry
-        (_, (new_terms, new_router)), new_grads = grad_fn(params, micro)
+        (_, (new_terms, new_router)), new_grads = grad_fn(params, *inputs)
         return (jax.tree.map(jnp.add, terms, new_terms), router + new_router,
                 jax.tree.map(jnp.add, grads, new_grads)), None
 
     zeros = (LossSum(total=jnp.zeros(()), count=jnp.zeros(())), jnp.zeros(()),
              jax.tree.map(jnp.zeros_like, params))
-    (terms, router, grads), _ = jax.lax.scan(accumulate, zeros, batch)
+    indices = jnp.arange(jax.tree.leaves(batch)[0].shape[0])
+    (terms, router, grads), _ = jax.lax.scan(accumulate, zeros, (batch, indices))
     return terms, router, grads
 
 
-def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
-               optimizer: optax.GradientTransformation, router_aux_loss_coef: float = 0.0
-               ) -> tuple[TrainState, StepMetrics]:
+def train_step(state: TrainState, batch: Batch, frozen: nnx.State | None = None, *,
+               graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
+               router_aux_loss_coef: float = 0.0) -> tuple[TrainState, StepMetrics]:
     """One optimizer update from a batch of shape [grad_accum, micro_batch, seq_len + 1]."""
-    terms, router, grads = _summed_grads(graphdef, state.params, batch, router_aux_loss_coef)
+    rng, dropout_key = jax.random.split(state.rng)
+    terms, router, grads = _summed_grads(graphdef, state.params, batch, router_aux_loss_coef,
+                                         frozen, dropout_key)
     count = jnp.maximum(terms.count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    rng, _ = jax.random.split(state.rng)
     new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                            opt_state=opt_state, rng=rng)
     return new_state, StepMetrics(loss=terms.mean, grad_norm=optax.tree.norm(grads),
@@ -155,9 +196,10 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
                                   tokens=terms.count, router_loss=router / count)
 
 
-def eval_step(params: nnx.State, batch: Batch, *, graphdef: nnx.GraphDef) -> LossSum:
+def eval_step(params: nnx.State, batch: Batch, frozen: nnx.State | None = None, *,
+              graphdef: nnx.GraphDef) -> LossSum:
     """Summed loss over a batch [batch, seq_len + 1] of held-out rows."""
-    return loss_sum(graphdef, params, batch)
+    return loss_sum(graphdef, params, batch, frozen)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,36 +232,50 @@ def train_batch_sharding(mesh: Mesh, rules: Rules = RULES) -> NamedSharding:
 
 def jit_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                    shardings: TrainState, mesh: Mesh, rules: Rules = RULES,
-                   router_aux_loss_coef: float = 0.0):
-    """The jitted train step (state donated); trace or lower it inside `use_sharding`."""
+                   router_aux_loss_coef: float = 0.0, frozen_shardings: nnx.State | None = None):
+    """The jitted train step (state donated); trace or lower it inside `use_sharding`.
+    With `frozen_shardings` it takes the frozen part of the model as a third argument."""
+    batch = train_batch_sharding(mesh, rules)
+    in_shardings = ((shardings, batch) if frozen_shardings is None
+                    else (shardings, batch, frozen_shardings))
     return jax.jit(functools.partial(train_step, graphdef=graphdef, optimizer=optimizer,
                                      router_aux_loss_coef=router_aux_loss_coef),
-                   in_shardings=(shardings, train_batch_sharding(mesh, rules)),
+                   in_shardings=in_shardings,
                    out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
 
 
 def compile_steps(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                   target: TrainState, mesh: Mesh, rules: Rules = RULES,
-                  router_aux_loss_coef: float = 0.0) -> Steps:
+                  router_aux_loss_coef: float = 0.0, frozen: nnx.State | None = None) -> Steps:
     """jit the steps with explicit shardings (state by `state_shardings`, batch rows over
     the mesh's batch axes); the train state is donated. `target` gives the state's shapes.
-    Both programs are traced inside `use_sharding`, so activations are constrained too."""
+    Both programs are traced inside `use_sharding`, so activations are constrained too.
+
+    `frozen` (the rest of a three-way split) is placed by its logical axes and passed to
+    both programs as an argument: `Steps.train(state, batch)` keeps its form."""
     shardings = state_shardings(target, optimizer, mesh, rules)
-    train = jit_train_step(graphdef, optimizer, shardings, mesh, rules, router_aux_loss_coef)
+    frozen_sharding = None if frozen is None else param_shardings(frozen, mesh, rules)
+    train = jit_train_step(graphdef, optimizer, shardings, mesh, rules, router_aux_loss_coef,
+                           frozen_sharding)
     train_batch = train_batch_sharding(mesh, rules)
     eval_batch = sharding_for(("batch", None), mesh, rules)         # [batch, seq]
     metrics = NamedSharding(mesh, P())
+    in_shardings = ((shardings.params, eval_batch) if frozen is None
+                    else (shardings.params, eval_batch, frozen_sharding))
     evaluate = jax.jit(functools.partial(eval_step, graphdef=graphdef),
-                       in_shardings=(shardings.params, eval_batch), out_shardings=metrics)
-    return Steps(train=_in_context(train, mesh, rules), eval=_in_context(evaluate, mesh, rules),
+                       in_shardings=in_shardings, out_shardings=metrics)
+    extra = () if frozen is None else (jax.device_put(frozen, frozen_sharding),)
+    return Steps(train=_in_context(train, mesh, rules, extra),
+                 eval=_in_context(evaluate, mesh, rules, extra),
                  state_sharding=shardings, train_batch_sharding=train_batch,
                  eval_batch_sharding=eval_batch)
 
 
-def _in_context(fn: Callable, mesh: Mesh, rules: Rules) -> Callable:
+def _in_context(fn: Callable, mesh: Mesh, rules: Rules, extra: tuple = ()) -> Callable:
+    """`fn(*args, *extra)` inside `use_sharding` (extra: the frozen part of the model)."""
     def call(*args):
         with use_sharding(mesh, rules):
-            return fn(*args)
+            return fn(*args, *extra)
 
     return call
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.resources
+import re
 
 import jax
 import pytest
@@ -130,3 +131,37 @@ def test_init_takes_the_shape_from_the_model():
     clash = Recipe.from_dict({"model": {"preset": "smollm2-135m"}})
     with pytest.raises(ConfigError, match="in the --init model"):
         clash.model_config(tiny)
+
+
+FINETUNE = sorted(p for p in (importlib.resources.files("flaxlm.configs") / "finetune").iterdir()
+                  if p.name.endswith(".toml"))
+
+
+@pytest.mark.parametrize("path", FINETUNE, ids=lambda p: p.name)
+def test_every_finetune_recipe_loads(path):
+    """configs/finetune/smollm2-METHOD-docstrings.toml: that method on the embedded SmolLM2,
+    the docstrings task (no data.files), settings that fit SmolLM2-135M's shape."""
+    recipe = Recipe.load(path)
+    assert recipe.finetune.method == path.name.split("-")[1]
+    assert recipe.finetune.base == "smollm2-135m-instruct" and recipe.data.files == ()
+    config = recipe.model_config(ModelConfig.preset("smollm2-135m"))
+    assert recipe.data.seq_len <= config.max_seq_len and config.dtype == "float32"
+    assert recipe.finetune.report_examples > 0
+
+
+def test_finetune_table_is_checked():
+    assert {p.name.split("-")[1] for p in FINETUNE} == {"full", "lora", "prompt"}
+    base = {"finetune": {"method": "lora"}}
+    assert Recipe.from_dict(base).finetune.lora_rank == 8
+    assert Recipe.from_dict({}).finetune is None  # `flaxlm train` recipes have none
+    for table, message in [({"method": "adapter"}, "is not one of full, lora, prompt"),
+                           ({"lora_rank": -1}, "lora_rank must be > 0"),
+                           ({"prompt_tokens": 0}, "prompt_tokens must be > 0"),
+                           ({"method": "lora", "freeze": ["embed"]}, "freeze is for method full"),
+                           ({"lora_targets": ["q_proj("]}, "is not a regular expression"),
+                           ({"lora_dropout": 1.0}, "lora_dropout must be in [0, 1)")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            Recipe.from_dict({"finetune": table}, source="r.toml")
+    with pytest.raises(ConfigError, match=r"r.toml: unknown setting 'finetune.lora_rnak' "
+                                          r"\(did you mean 'finetune.lora_rank'\?\)"):
+        Recipe.from_dict({"finetune": {"lora_rnak": 4}}, source="r.toml")
