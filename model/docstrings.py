@@ -40,6 +40,7 @@ class DocstringExample:
     source: str     # the function's source (decorators included), dedented, docstring removed
     reference: str  # the first sentence of its docstring, on one line
     split: str      # "train" or "test"
+    module: str = ""  # the module's dotted name, e.g. "json.decoder"
 
     @property
     def prompt(self) -> str:
@@ -131,7 +132,7 @@ def _file_examples(path: Path, module: str):
     for qualname, node in _functions(tree.body, ""):
         example = _example(node, lines, f"{module}.{qualname}")
         if example is not None:
-            yield example
+            yield dataclasses.replace(example, module=module)
 
 
 def _functions(body: list[ast.stmt], prefix: str):

@@ -88,7 +88,18 @@ def _freeze_filter(model: nnx.Module, patterns: tuple[str, ...]):
 
 
 def adapt(model: nnx.Module, tokenizer: Tokenizer, ft: FinetuneConfig, seed: int):
-    """Add the method's adapter to `model` in place; returns the trainable filter."""
+    """Add the method's adapter (and for a reward model the score head, which always
+    trains) to `model` in place; returns the trainable filter."""
+    trainable = _adapter(model, tokenizer, ft, seed)
+    if ft.objective != "reward":
+        return trainable
+    from flaxlm.model.reward import ScoreParam, add_score_head
+
+    add_score_head(model, nnx.Rngs(params=seed + 2))
+    return nnx.Any(trainable, ScoreParam)
+
+
+def _adapter(model: nnx.Module, tokenizer: Tokenizer, ft: FinetuneConfig, seed: int):
     if ft.method == "lora":
         from flaxlm.model.lora import DEFAULT_TARGETS, LoraConfig, apply_lora, lora_filter
 
@@ -210,7 +221,7 @@ def prepare_finetune(recipe: Recipe, run_dir: str | Path, overwrite: bool = Fals
     config = model.config
     mesh = make_mesh(recipe.train.mesh)
     check_shapes(recipe, config, mesh)
-    train_set, eval_set = _encode(recipe, tokenizer)
+    train_dataset, eval_batches = _data(recipe, tokenizer)
     trainable = adapt(model, tokenizer, recipe.finetune, recipe.train.seed)
     graphdef, params, frozen = split(model, trainable)
     checkpoints = Checkpoints(run_dir, recipe.checkpoint)
@@ -221,9 +232,8 @@ def prepare_finetune(recipe: Recipe, run_dir: str | Path, overwrite: bool = Fals
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params),
                        rng=jax.random.PRNGKey(recipe.train.seed))
     target = jax.eval_shape(lambda s: s, state)
-    steps = compile_steps(graphdef, opt, target, mesh, recipe.train.sharding_rules,
-                          recipe.train.router_aux_loss_coef, frozen=frozen)
-    train_iterator = iter(_train_dataset(recipe, train_set))
+    steps = _compile(recipe, graphdef, opt, target, mesh, frozen, params)
+    train_iterator = iter(train_dataset)
     resume_step = checkpoints.latest_step()
     if resume_step is not None:
         state = checkpoints.restore(resume_step, target, train_iterator,
@@ -234,11 +244,35 @@ def prepare_finetune(recipe: Recipe, run_dir: str | Path, overwrite: bool = Fals
                      _count(nnx.state(model, nnx.Param)), _bytes(state.opt_state))
     run = Run(recipe=recipe, run_dir=run_dir, config=config, tokenizer=tokenizer, steps=steps,
               state=state, train_iterator=train_iterator,
-              eval_batches=_eval_batches(recipe, eval_set), checkpoints=checkpoints,
+              eval_batches=eval_batches, checkpoints=checkpoints,
               resumed_from=resume_step,
               flops_per_token=_flops_per_token(recipe, config, model),
               peak_flops=total_peak_flops(recipe.log.peak_tflops))
     return run, info
+
+
+def _data(recipe: Recipe, tokenizer: Tokenizer):
+    """(the endless training dataset, the held-out batches) of the recipe's objective."""
+    if recipe.finetune.objective in ("dpo", "reward"):
+        from flaxlm.train.align import preference_data
+
+        return preference_data(recipe, tokenizer)
+    train_set, eval_set = _encode(recipe, tokenizer)
+    return _train_dataset(recipe, train_set), _eval_batches(recipe, eval_set)
+
+
+def _compile(recipe: Recipe, graphdef, opt, target, mesh, frozen, params):
+    """The objective's compiled steps (`params`: the starting trainable weights)."""
+    if recipe.finetune.objective == "dpo":
+        from flaxlm.train.align import dpo_steps
+
+        return dpo_steps(recipe, graphdef, opt, target, mesh, frozen, params)
+    if recipe.finetune.objective == "reward":
+        from flaxlm.train.align import reward_steps
+
+        return reward_steps(recipe, graphdef, opt, target, mesh, frozen)
+    return compile_steps(graphdef, opt, target, mesh, recipe.train.sharding_rules,
+                         recipe.train.router_aux_loss_coef, frozen=frozen)
 
 
 def _flops_per_token(recipe: Recipe, config: ModelConfig, model) -> float:
@@ -320,13 +354,16 @@ def export_finetuned(run_dir: str | Path, out: str | Path, merge: bool = False,
                      step: int | None = None, overwrite: bool = False) -> Path:
     """Write a fine-tuning run's checkpoint: LoRA and prompt tuning as a PEFT adapter
     directory (the base is finetune.base), or with `merge` (LoRA) / method full a Hugging
-    Face model directory."""
+    Face model directory; a reward model as an HF *ForSequenceClassification directory
+    (flaxlm.model.reward.save_reward_model; LoRA merged)."""
     from flaxlm.model.loading import save_hf
 
     out = Path(out)
     check_out_dir(out, overwrite)
     model, tokenizer, _, recipe = restore_finetuned(run_dir, step)
     method = recipe.finetune.method
+    if recipe.finetune.objective == "reward":
+        return _export_reward_model(model, tokenizer, recipe, out)
     if merge and method == "prompt":
         raise ConfigError("a soft prompt cannot be merged into the weights: export the "
                           "adapter (without --merge) and load it with adapter=DIR")
@@ -345,3 +382,15 @@ def export_finetuned(run_dir: str | Path, out: str | Path, merge: bool = False,
     return save_adapter(model, out, base_model_name_or_path=recipe.finetune.base,
                         overwrite=overwrite)
 
+
+
+def _export_reward_model(model, tokenizer: Tokenizer, recipe: Recipe, out: Path) -> Path:
+    """A reward model as an HF *ForSequenceClassification directory (LoRA merged)."""
+    from flaxlm.model.lora import merge_lora
+    from flaxlm.model.reward import save_reward_model
+
+    if recipe.finetune.quantize:
+        raise ConfigError("the base is int8: a reward model is written merged in the HF "
+                          "layout, which int8 weights cannot be; train on a float base")
+    merge_lora(model)
+    return save_reward_model(model, tokenizer, out)

@@ -29,7 +29,7 @@ from flaxlm.train.metrics import MetricsLog, Progress
 from flaxlm.train.optim import schedule
 from flaxlm.train.prepare import Run, prepare
 from flaxlm.train.recipe import Recipe
-from flaxlm.train.step import LossSum, StepMetrics, put_batch
+from flaxlm.train.step import StepMetrics, put_batch
 
 
 class TrainingDiverged(FlaxlmError, ArithmeticError):
@@ -55,10 +55,14 @@ class _Window:
     losses: list[float] = dataclasses.field(default_factory=list)
     grad_norms: list[float] = dataclasses.field(default_factory=list)
     router_losses: list[float] = dataclasses.field(default_factory=list)
+    extras: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     timed_steps: int = 0          # steps run since `start`
     start: float = dataclasses.field(default_factory=time.perf_counter)
 
-    def add(self, loss: float, grad_norm: float, router_loss: float) -> None:
+    def add(self, loss: float, grad_norm: float, router_loss: float,
+            extra: dict[str, float]) -> None:
+        for name, value in extra.items():
+            self.extras.setdefault(name, []).append(value)
         self.losses.append(loss)
         self.grad_norms.append(grad_norm)
         self.router_losses.append(router_loss)
@@ -129,6 +133,7 @@ class _Loop:
         self.start_step = int(run.state.step)
         self.last_loss: float | None = None
         self.last_eval: float | None = None
+        self.last_eval_extra: dict[str, float] = {}
 
     def execute(self) -> RunResult:
         run, total = self.run, self.recipe.train.steps
@@ -173,7 +178,8 @@ class _Loop:
             raise TrainingDiverged(
                 f"loss {loss}, gradient norm {grad_norm}, parameter norm {param_norm} at step "
                 f"{step}: training stopped; {kept}")
-        window.add(loss, grad_norm, float(metrics.router_loss))
+        window.add(loss, grad_norm, float(metrics.router_loss),
+                   {k: float(v) for k, v in metrics.extra.items()})
 
     def _boundary(self, state, step: int, window: _Window) -> _Window:
         """Log, evaluate and save as due at `step`; returns a fresh window."""
@@ -198,10 +204,15 @@ class _Loop:
             "router_loss": (sum(window.router_losses) / len(window.router_losses)
                             if self.run.config.num_experts and window.router_losses
                             else None),
-            "eval_loss": eval_loss, "eval_ppl": math.exp(eval_loss) if eval_loss is not None else None,
+            "eval_loss": eval_loss,
+            "eval_ppl": (math.exp(eval_loss)  # a token loss's (not a pair loss's)
+                         if eval_loss is not None and not self.last_eval_extra else None),
             "tokens_per_s": tokens_per_s,
             "mfu": (self.run.flops_per_token * tokens_per_s / self.run.peak_flops
                     if tokens_per_s else None),
+            **{name: sum(v) / len(v) for name, v in window.extras.items()},
+            **({f"eval_{k}": v for k, v in self.last_eval_extra.items()}
+               if eval_loss is not None else {}),
         })
 
     def _tokens_per_s(self, window: _Window) -> float | None:
@@ -212,11 +223,14 @@ class _Loop:
         """Mean loss over the held-out batches (None when there are none)."""
         if not self.run.eval_batches:
             return None
-        total = LossSum(total=0.0, count=0.0)
+        total, count, extra = 0.0, 0.0, {}
         for batch in self.run.eval_batches:
             part = self.run.steps.eval(state.params, put_batch(batch, self.run.steps.eval_batch_sharding))
-            total = LossSum(total=total.total + float(part.total), count=total.count + float(part.count))
-        self.last_eval = total.total / max(total.count, 1.0)
+            total, count = total + float(part.total), count + float(part.count)
+            for name, value in part.extra.items():
+                extra[name] = extra.get(name, 0.0) + float(value)
+        self.last_eval = total / max(count, 1.0)
+        self.last_eval_extra = {k: v / max(count, 1.0) for k, v in extra.items()}
         return self.last_eval
 
     def _save(self, state) -> None:

@@ -160,7 +160,9 @@ def flops_per_token(config: ModelConfig, num_params: int, seq_len: int) -> float
 
 class MetricsLog:
     """Appends one JSON line per log step to RUN_DIR/metrics.jsonl (flushed each time)
-    and mirrors the numbers to TensorBoard event files in RUN_DIR/tensorboard."""
+    and mirrors the numbers to TensorBoard event files in RUN_DIR/tensorboard. The FIELDS
+    are always there (null when unknown); an objective's own metrics (DPO's rewards, ...)
+    follow them."""
 
     FIELDS = ("step", "loss", "eval_loss", "eval_ppl", "lr", "grad_norm", "router_loss",
               "tokens_per_s", "mfu")
@@ -179,6 +181,7 @@ class MetricsLog:
         if self._file is None:
             return
         line = {key: _plain(record.get(key)) for key in self.FIELDS}
+        line.update({key: _plain(v) for key, v in record.items() if key not in line})
         self._file.write(json.dumps(line) + "\n")
         self._file.flush()
         if self._writer is not None:

@@ -10,7 +10,8 @@ A recipe has one table per concern:
     [train]       steps, batch_size, grad_accum, seed
     [checkpoint]  every, keep, async_save
     [log]         every, eval_every, eval_batches, peak_tflops, progress, tensorboard, plot
-    [finetune]    base, method (full | lora | prompt), freeze, lora_*, prompt_*, report_*
+    [finetune]    base, method (full | lora | prompt), objective (sft | dpo | reward), dpo_*,
+                  freeze, lora_*, prompt_*, report_*
                   (`flaxlm finetune` only; see FinetuneConfig)
 
 Every key is checked: an unknown one is an error naming the nearest valid key.
@@ -154,15 +155,22 @@ class LogConfig:
 
 
 METHODS = ("full", "lora", "prompt")
+OBJECTIVES = ("sft", "dpo", "reward")
 
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
-    """What `flaxlm finetune` adapts and how (its data: SFT chats, flaxlm.train.sft)."""
+    """What `flaxlm finetune` adapts (`method`) and what it trains it for (`objective`: SFT
+    chats, flaxlm.train.sft; DPO on preference pairs, flaxlm.train.dpo; a reward model
+    on preference pairs, flaxlm.train.reward)."""
 
     base: str = "smollm2-135m-instruct"  # the model to adapt (any name/path flaxlm.model.load takes)
     quantize: str = ""            # "int8": a frozen int8 base (LoRA / prompt only, QLoRA-style)
-    method: str = "lora"          # full | lora | prompt
+    method: str = "lora"          # full | lora | prompt: what trains
+    objective: str = "sft"        # sft (chats) | dpo (preference pairs, flaxlm.train.dpo) |
+                                  # reward (a reward model on pairs, flaxlm.train.reward)
+    dpo_beta: float = 0.1         # DPO: the strength of the pull towards the reference
+    dpo_label_smoothing: float = 0.0  # DPO: the assumed fraction of flipped labels (cDPO)
     freeze: tuple[str, ...] = ()  # full: regexes; parameters whose path (e.g. "embed.embedding",
                                   # "layers.0.attn.q_proj.kernel") matches one stay frozen
     lora_rank: int = 8
@@ -181,6 +189,18 @@ class FinetuneConfig:
     def __post_init__(self):
         _check(self.method in METHODS,
                f"finetune.method {self.method!r} is not one of {', '.join(METHODS)}")
+        _check(self.objective in OBJECTIVES,
+               f"finetune.objective {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        _check(not (self.objective == "reward" and self.method == "prompt"),
+               "finetune.objective = \"reward\" trains the score head with all weights or "
+               "LoRA adapters: use method full or lora")
+        _check(not (self.objective == "reward" and self.quantize),
+               "finetune.objective = \"reward\" is exported merged in the HF layout, which "
+               "an int8 base cannot be: drop finetune.quantize")
+        _check(self.dpo_beta > 0, f"finetune.dpo_beta must be > 0, got {self.dpo_beta}")
+        _check(0 <= self.dpo_label_smoothing < 0.5,
+               f"finetune.dpo_label_smoothing must be in [0, 0.5), got "
+               f"{self.dpo_label_smoothing}")
         _check(bool(self.base), "finetune.base must name the model to fine-tune")
         _check(self.quantize in ("", "int8"),
                f"finetune.quantize {self.quantize!r} is not \"\" or \"int8\"")

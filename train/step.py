@@ -51,6 +51,8 @@ class TrainState:
 class LossSum:
     total: jax.Array            # float32 []: summed token cross-entropy
     count: jax.Array            # float32 []: predicted tokens
+    extra: dict = struct.field(default_factory=dict)  # other objectives' sums, by name
+                                # (divided by `count` like `total`; flaxlm.train.dpo)
 
     @property
     def mean(self) -> jax.Array:
@@ -64,6 +66,8 @@ class StepMetrics:
     param_norm: jax.Array       # global norm of the updated parameters (NaN/Inf check)
     tokens: jax.Array           # predicted tokens in the batch
     router_loss: jax.Array      # MoE load-balancing loss (token-weighted mean; 0 without MoE)
+    extra: dict = struct.field(default_factory=dict)  # other objectives' metrics (means), by
+                                # name: logged beside the loss (flaxlm.train.dpo)
 
 
 def new_state(model: Decoder, optimizer: optax.GradientTransformation,
@@ -136,9 +140,11 @@ def _forward(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch,
 
 
 def token_losses(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch,
-                 frozen: nnx.State | None = None) -> tuple[jax.Array, jax.Array]:
-    """Per-token cross-entropy [b, seq_len] and its mask [b, seq_len] (True = counted)."""
-    losses, mask, _ = _forward(graphdef, params, batch, frozen)
+                 frozen: nnx.State | None = None, key: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
+    """Per-token cross-entropy [b, seq_len] and its mask [b, seq_len] (True = counted);
+    with `key`, dropout on (drawn from it)."""
+    losses, mask, _ = _forward(graphdef, params, batch, frozen, key)
     return losses, mask
 
 
@@ -267,6 +273,30 @@ def compile_steps(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformatio
     extra = () if frozen is None else (jax.device_put(frozen, frozen_sharding),)
     return Steps(train=_in_context(train, mesh, rules, extra),
                  eval=_in_context(evaluate, mesh, rules, extra),
+                 state_sharding=shardings, train_batch_sharding=train_batch,
+                 eval_batch_sharding=eval_batch)
+
+
+def compile_objective(train_fn: Callable, eval_fn: Callable, optimizer: optax.GradientTransformation,
+                      target: TrainState, mesh: Mesh, rules: Rules, frozen: nnx.State,
+                      extra: tuple[nnx.State, ...] = ()) -> Steps:
+    """`compile_steps` for another objective (flaxlm.train.dpo, flaxlm.train.reward):
+    `train_fn(state, batch, frozen, *extra)` and `eval_fn(params, batch, frozen, *extra)`,
+    where each of `extra` (a reference model's weights, ...) is placed like parameters by
+    its logical axes and bound as an argument, neither donated nor returned."""
+    shardings = state_shardings(target, optimizer, mesh, rules)
+    bound = (frozen, *extra)
+    bound_shardings = tuple(param_shardings(tree, mesh, rules) for tree in bound)
+    train_batch = train_batch_sharding(mesh, rules)
+    eval_batch = sharding_for(("batch", None), mesh, rules)
+    train = jax.jit(train_fn, in_shardings=(shardings, train_batch, *bound_shardings),
+                    out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
+    evaluate = jax.jit(eval_fn, in_shardings=(shardings.params, eval_batch, *bound_shardings),
+                       out_shardings=NamedSharding(mesh, P()))
+    placed = tuple(jax.device_put(tree, sharding)
+                   for tree, sharding in zip(bound, bound_shardings, strict=True))
+    return Steps(train=_in_context(train, mesh, rules, placed),
+                 eval=_in_context(evaluate, mesh, rules, placed),
                  state_sharding=shardings, train_batch_sharding=train_batch,
                  eval_batch_sharding=eval_batch)
 

@@ -139,14 +139,17 @@ FINETUNE = sorted(p for p in (importlib.resources.files("flaxlm.configs") / "fin
 
 @pytest.mark.parametrize("path", FINETUNE, ids=lambda p: p.name)
 def test_every_finetune_recipe_loads(path):
-    """configs/finetune/smollm2-METHOD-docstrings.toml: that method on the embedded SmolLM2,
+    """configs/finetune/smollm2-METHOD[-OBJECTIVE]-docstrings.toml: that method (and
+    objective, SFT when not named) on the embedded SmolLM2,
     the docstrings task (no data.files), settings that fit SmolLM2-135M's shape."""
     recipe = Recipe.load(path)
     assert recipe.finetune.method == path.name.split("-")[1]
     assert recipe.finetune.base == "smollm2-135m-instruct" and recipe.data.files == ()
     config = recipe.model_config(ModelConfig.preset("smollm2-135m"))
     assert recipe.data.seq_len <= config.max_seq_len and config.dtype == "float32"
-    assert recipe.finetune.report_examples > 0
+    assert recipe.finetune.objective == ("sft" if len(path.name.split("-")) == 3
+                                         else path.name.split("-")[2])
+    assert recipe.finetune.report_examples > 0 or recipe.finetune.objective != "sft"
 
 
 def test_finetune_table_is_checked():
@@ -159,7 +162,10 @@ def test_finetune_table_is_checked():
                            ({"prompt_tokens": 0}, "prompt_tokens must be > 0"),
                            ({"method": "lora", "freeze": ["embed"]}, "freeze is for method full"),
                            ({"lora_targets": ["q_proj("]}, "is not a regular expression"),
-                           ({"lora_dropout": 1.0}, "lora_dropout must be in [0, 1)")]:
+                           ({"lora_dropout": 1.0}, "lora_dropout must be in [0, 1)"),
+                           ({"objective": "ppo"}, "finetune.objective 'ppo' is not one of"),
+                           ({"dpo_beta": 0.0}, "dpo_beta must be > 0"),
+                           ({"dpo_label_smoothing": 0.5}, "must be in [0, 0.5)")]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             Recipe.from_dict({"finetune": table}, source="r.toml")
     with pytest.raises(ConfigError, match=r"r.toml: unknown setting 'finetune.lora_rnak' "
