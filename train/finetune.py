@@ -221,7 +221,7 @@ def prepare_finetune(recipe: Recipe, run_dir: str | Path, overwrite: bool = Fals
     config = model.config
     mesh = make_mesh(recipe.train.mesh)
     check_shapes(recipe, config, mesh)
-    train_dataset, eval_batches = _data(recipe, tokenizer)
+    train_dataset, eval_batches, prompts = _data(recipe, tokenizer)
     trainable = adapt(model, tokenizer, recipe.finetune, recipe.train.seed)
     graphdef, params, frozen = split(model, trainable)
     checkpoints = Checkpoints(run_dir, recipe.checkpoint)
@@ -232,7 +232,7 @@ def prepare_finetune(recipe: Recipe, run_dir: str | Path, overwrite: bool = Fals
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params),
                        rng=jax.random.PRNGKey(recipe.train.seed))
     target = jax.eval_shape(lambda s: s, state)
-    steps = _compile(recipe, graphdef, opt, target, mesh, frozen, params)
+    steps = _compile(recipe, graphdef, opt, target, mesh, frozen, params, tokenizer, prompts)
     train_iterator = iter(train_dataset)
     resume_step = checkpoints.latest_step()
     if resume_step is not None:
@@ -252,17 +252,28 @@ def prepare_finetune(recipe: Recipe, run_dir: str | Path, overwrite: bool = Fals
 
 
 def _data(recipe: Recipe, tokenizer: Tokenizer):
-    """(the endless training dataset, the held-out batches) of the recipe's objective."""
+    """(the endless training dataset, the held-out batches, GRPO's prompts or None) of the
+    recipe's objective."""
+    if recipe.finetune.objective == "grpo":
+        from flaxlm.train.grpo import grpo_data, grpo_prompts
+
+        prompts = grpo_prompts(recipe, tokenizer)
+        return (*grpo_data(recipe, prompts), prompts)
     if recipe.finetune.objective in ("dpo", "reward"):
         from flaxlm.train.align import preference_data
 
-        return preference_data(recipe, tokenizer)
+        return (*preference_data(recipe, tokenizer), None)
     train_set, eval_set = _encode(recipe, tokenizer)
-    return _train_dataset(recipe, train_set), _eval_batches(recipe, eval_set)
+    return _train_dataset(recipe, train_set), _eval_batches(recipe, eval_set), None
 
 
-def _compile(recipe: Recipe, graphdef, opt, target, mesh, frozen, params):
+def _compile(recipe: Recipe, graphdef, opt, target, mesh, frozen, params, tokenizer, prompts):
     """The objective's compiled steps (`params`: the starting trainable weights)."""
+    if recipe.finetune.objective == "grpo":
+        from flaxlm.train.grpo import GrpoSteps
+
+        return GrpoSteps(recipe, graphdef, params, frozen, opt, target, mesh, tokenizer,
+                         prompts).steps
     if recipe.finetune.objective == "dpo":
         from flaxlm.train.align import dpo_steps
 

@@ -116,6 +116,34 @@ def docstring_pairs(split: str) -> list[Pair]:
     return sorted(pairs, key=lambda p: p.where)
 
 
+def read_prompts(files: Sequence[Path]) -> list[Any]:
+    """Prompts of JSONL records {"prompt": str} or {"messages": [...]} (GRPO's data): the
+    string, or the messages list; errors name the file and line."""
+    prompts: list[Any] = []
+    for path in files:
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: cannot read ({e})") from e
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e})") from e
+            if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+                prompts.append(record["prompt"])
+            elif isinstance(record, dict) and isinstance(record.get("messages"), list):
+                prompts.append(record["messages"])
+            else:
+                raise DataError(f"{where}: needs 'prompt' (a string) or 'messages' (a chat)")
+    if not prompts:
+        raise DataError(f"{', '.join(map(str, files))}: no prompts")
+    return prompts
+
+
 # ---------------------------------------------------------------- encoding
 
 @dataclasses.dataclass(frozen=True)

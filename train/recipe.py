@@ -10,7 +10,8 @@ A recipe has one table per concern:
     [train]       steps, batch_size, grad_accum, seed
     [checkpoint]  every, keep, async_save
     [log]         every, eval_every, eval_batches, peak_tflops, progress, tensorboard, plot
-    [finetune]    base, method (full | lora | prompt), objective (sft | dpo | reward), dpo_*,
+    [finetune]    base, method (full | lora | prompt), objective (sft | dpo | reward | grpo),
+                  dpo_*, grpo_*, arithmetic_*,
                   freeze, lora_*, prompt_*, report_*
                   (`flaxlm finetune` only; see FinetuneConfig)
 
@@ -155,7 +156,7 @@ class LogConfig:
 
 
 METHODS = ("full", "lora", "prompt")
-OBJECTIVES = ("sft", "dpo", "reward")
+OBJECTIVES = ("sft", "dpo", "reward", "grpo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,9 +169,23 @@ class FinetuneConfig:
     quantize: str = ""            # "int8": a frozen int8 base (LoRA / prompt only, QLoRA-style)
     method: str = "lora"          # full | lora | prompt: what trains
     objective: str = "sft"        # sft (chats) | dpo (preference pairs, flaxlm.train.dpo) |
-                                  # reward (a reward model on pairs, flaxlm.train.reward)
+                                  # reward (a reward model on pairs, flaxlm.train.reward) |
+                                  # grpo (rollouts scored by reward functions, flaxlm.train.grpo)
     dpo_beta: float = 0.1         # DPO: the strength of the pull towards the reference
     dpo_label_smoothing: float = 0.0  # DPO: the assumed fraction of flipped labels (cDPO)
+    grpo_num_generations: int = 4 # GRPO: completions sampled per prompt (a group; >= 2)
+    grpo_max_new_tokens: int = 16 # GRPO: the longest completion
+    grpo_temperature: float = 1.0 # GRPO: sampling temperature of the rollouts
+    grpo_beta: float = 0.04       # GRPO: weight of the k3 KL estimate to the reference
+    grpo_epsilon: float = 0.2     # GRPO: the ratio's clip range [1 - eps, 1 + eps]
+    grpo_rewards: tuple[str, ...] = ("flaxlm.model.arithmetic:arithmetic_reward",)
+                                  # GRPO: reward callables "module:function" (prompts,
+                                  # completions) -> floats, summed with grpo_reward_weights
+    grpo_reward_weights: tuple[float, ...] = ()  # one per reward; empty: all 1.0
+    arithmetic_max_operand: int = 20    # GRPO without data.files: the arithmetic task's sizes
+    arithmetic_operations: str = "+*"
+    arithmetic_train: int = 2000  # problems in the training split (held out: log.eval_batches
+                                  # * micro-batch prompts of the test split)
     freeze: tuple[str, ...] = ()  # full: regexes; parameters whose path (e.g. "embed.embedding",
                                   # "layers.0.attn.q_proj.kernel") matches one stay frozen
     lora_rank: int = 8
@@ -197,6 +212,20 @@ class FinetuneConfig:
         _check(not (self.objective == "reward" and self.quantize),
                "finetune.objective = \"reward\" is exported merged in the HF layout, which "
                "an int8 base cannot be: drop finetune.quantize")
+        _check(self.grpo_num_generations >= 2,
+               f"finetune.grpo_num_generations must be >= 2 (advantages are relative to the "
+               f"group of a prompt's completions), got {self.grpo_num_generations}")
+        _check(self.grpo_max_new_tokens >= 1, "finetune.grpo_max_new_tokens must be >= 1")
+        _check(self.grpo_temperature > 0, "finetune.grpo_temperature must be > 0")
+        _check(self.grpo_beta >= 0 and self.grpo_epsilon > 0,
+               "finetune.grpo_beta must be >= 0 and finetune.grpo_epsilon > 0")
+        _check(bool(self.grpo_rewards) and all(":" in r for r in self.grpo_rewards),
+               f"finetune.grpo_rewards must name callables as \"module:function\", got "
+               f"{list(self.grpo_rewards)}")
+        _check(not self.grpo_reward_weights
+               or len(self.grpo_reward_weights) == len(self.grpo_rewards),
+               f"finetune.grpo_reward_weights has {len(self.grpo_reward_weights)} weights for "
+               f"{len(self.grpo_rewards)} rewards")
         _check(self.dpo_beta > 0, f"finetune.dpo_beta must be > 0, got {self.dpo_beta}")
         _check(0 <= self.dpo_label_smoothing < 0.5,
                f"finetune.dpo_label_smoothing must be in [0, 0.5), got "
@@ -301,6 +330,8 @@ class Recipe:
         out["data"]["files"] = list(self.data.files)
         out["train"]["rules"] = list(self.train.rules)
         if self.finetune is not None:
+            for name in ("grpo_rewards", "grpo_reward_weights"):
+                out["finetune"][name] = list(getattr(self.finetune, name))
             out["finetune"]["freeze"] = list(self.finetune.freeze)
             out["finetune"]["lora_targets"] = list(self.finetune.lora_targets)
         return out
@@ -378,6 +409,11 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     """`value` checked against a field type (int, float, bool, str, tuple[str, ...])."""
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint == tuple[float, ...]:
+        if isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                           for v in value):
+            return tuple(float(v) for v in value)
+        raise ConfigError(f"{source}: {key} must be a list of numbers, got {value!r}")
     if typing.get_origin(hint) is tuple:
         items = [value] if isinstance(value, str) else value
         if isinstance(items, list) and all(isinstance(v, str) for v in items):
