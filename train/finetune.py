@@ -232,7 +232,8 @@ def prepare_finetune(recipe: Recipe, run_dir: str | Path, overwrite: bool = Fals
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params),
                        rng=jax.random.PRNGKey(recipe.train.seed))
     target = jax.eval_shape(lambda s: s, state)
-    steps = _compile(recipe, graphdef, opt, target, mesh, frozen, params, tokenizer, prompts)
+    steps = _compile(recipe, graphdef, opt, target, mesh, frozen, params, tokenizer, prompts,
+                     config.vocab_size)
     train_iterator = iter(train_dataset)
     resume_step = checkpoints.latest_step()
     if resume_step is not None:
@@ -267,7 +268,8 @@ def _data(recipe: Recipe, tokenizer: Tokenizer):
     return _train_dataset(recipe, train_set), _eval_batches(recipe, eval_set), None
 
 
-def _compile(recipe: Recipe, graphdef, opt, target, mesh, frozen, params, tokenizer, prompts):
+def _compile(recipe: Recipe, graphdef, opt, target, mesh, frozen, params, tokenizer, prompts,
+             vocab_size: int):
     """The objective's compiled steps (`params`: the starting trainable weights)."""
     if recipe.finetune.objective == "grpo":
         from flaxlm.train.grpo import GrpoSteps
@@ -278,6 +280,11 @@ def _compile(recipe: Recipe, graphdef, opt, target, mesh, frozen, params, tokeni
         from flaxlm.train.align import dpo_steps
 
         return dpo_steps(recipe, graphdef, opt, target, mesh, frozen, params)
+    if recipe.finetune.objective == "distill":
+        from flaxlm.train.distill import distill_steps
+
+        return distill_steps(recipe, graphdef, opt, target, mesh, frozen, tokenizer,
+                             vocab_size)
     if recipe.finetune.objective == "reward":
         from flaxlm.train.align import reward_steps
 

@@ -47,7 +47,7 @@ from flaxlm.model.tokenizer import Tokenizer
 from flaxlm.train.data import Batch
 from flaxlm.train.dpo import accumulated, reference_of, update
 from flaxlm.train.recipe import Recipe
-from flaxlm.train.step import LossSum, Steps, TrainState, _reseeded, merge, state_shardings
+from flaxlm.train.step import LossSum, Steps, TrainState, merge, state_shardings, training_model
 
 ADVANTAGE_EPS = 1e-4
 
@@ -128,12 +128,7 @@ def _first_raising(fn, prompts, completions) -> int | None:
 
 def _token_logps(graphdef, params, batch: Batch, frozen, key=None):
     """(log-probs of each next token [rows, seq], entropies [rows, seq], mask)."""
-    random = False
-    if key is not None:
-        frozen, random = _reseeded(frozen, key)
-    model = merge(graphdef, params, frozen)
-    if random:
-        model.train()
+    model = training_model(graphdef, params, frozen, key)
     logits = model(batch.tokens[:, :-1], positions=batch.positions[:, :-1],
                    attention_mask=batch.segment_ids[:, :-1])
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)

@@ -10,8 +10,8 @@ A recipe has one table per concern:
     [train]       steps, batch_size, grad_accum, seed
     [checkpoint]  every, keep, async_save
     [log]         every, eval_every, eval_batches, peak_tflops, progress, tensorboard, plot
-    [finetune]    base, method (full | lora | prompt), objective (sft | dpo | reward | grpo),
-                  dpo_*, grpo_*, arithmetic_*,
+    [finetune]    base, method (full | lora | prompt), objective (sft | dpo | reward | grpo |
+                  distill), dpo_*, grpo_*, arithmetic_*, distill_*,
                   freeze, lora_*, prompt_*, report_*
                   (`flaxlm finetune` only; see FinetuneConfig)
 
@@ -156,7 +156,7 @@ class LogConfig:
 
 
 METHODS = ("full", "lora", "prompt")
-OBJECTIVES = ("sft", "dpo", "reward", "grpo")
+OBJECTIVES = ("sft", "dpo", "reward", "grpo", "distill")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +170,8 @@ class FinetuneConfig:
     method: str = "lora"          # full | lora | prompt: what trains
     objective: str = "sft"        # sft (chats) | dpo (preference pairs, flaxlm.train.dpo) |
                                   # reward (a reward model on pairs, flaxlm.train.reward) |
-                                  # grpo (rollouts scored by reward functions, flaxlm.train.grpo)
+                                  # grpo (rollouts scored by reward functions, flaxlm.train.grpo) |
+                                  # distill (a teacher's distribution on SFT data, flaxlm.train.distill)
     dpo_beta: float = 0.1         # DPO: the strength of the pull towards the reference
     dpo_label_smoothing: float = 0.0  # DPO: the assumed fraction of flipped labels (cDPO)
     grpo_num_generations: int = 4 # GRPO: completions sampled per prompt (a group; >= 2)
@@ -182,6 +183,10 @@ class FinetuneConfig:
                                   # GRPO: reward callables "module:function" (prompts,
                                   # completions) -> floats, summed with grpo_reward_weights
     grpo_reward_weights: tuple[float, ...] = ()  # one per reward; empty: all 1.0
+    distill_teacher: str = ""     # distill: the teacher (any name/path load takes; same tokenizer)
+    distill_teacher_quantize: str = ""  # distill: "int8" loads the teacher in int8
+    distill_temperature: float = 2.0    # distill: T of the softened distributions
+    distill_alpha: float = 0.5    # distill: loss = alpha T^2 KL + (1 - alpha) CE
     arithmetic_max_operand: int = 20    # GRPO without data.files: the arithmetic task's sizes
     arithmetic_operations: str = "+*"
     arithmetic_train: int = 2000  # problems in the training split (held out: log.eval_batches
@@ -226,6 +231,15 @@ class FinetuneConfig:
                or len(self.grpo_reward_weights) == len(self.grpo_rewards),
                f"finetune.grpo_reward_weights has {len(self.grpo_reward_weights)} weights for "
                f"{len(self.grpo_rewards)} rewards")
+        _check(self.objective != "distill" or bool(self.distill_teacher),
+               "finetune.objective = \"distill\" needs finetune.distill_teacher (the teacher "
+               "model's name or path)")
+        _check(self.distill_teacher_quantize in ("", "int8"),
+               f"finetune.distill_teacher_quantize {self.distill_teacher_quantize!r} is not "
+               "\"\" or \"int8\"")
+        _check(self.distill_temperature > 0, "finetune.distill_temperature must be > 0")
+        _check(0 <= self.distill_alpha <= 1,
+               f"finetune.distill_alpha must be in [0, 1], got {self.distill_alpha}")
         _check(self.dpo_beta > 0, f"finetune.dpo_beta must be > 0, got {self.dpo_beta}")
         _check(0 <= self.dpo_label_smoothing < 0.5,
                f"finetune.dpo_label_smoothing must be in [0, 0.5), got "

@@ -20,17 +20,12 @@ from flax import nnx
 from flaxlm.model.reward import last_token_rewards
 from flaxlm.train.data import Batch
 from flaxlm.train.dpo import accumulated, update
-from flaxlm.train.step import LossSum, StepMetrics, TrainState, _reseeded, merge
+from flaxlm.train.step import LossSum, StepMetrics, TrainState, training_model
 
 
 def pair_rewards(graphdef, params, batch: Batch, frozen, key=None) -> jax.Array:
     """Rewards [rows]; with `key`, dropout on (drawn from it)."""
-    random = False
-    if key is not None:
-        frozen, random = _reseeded(frozen, key)
-    model = merge(graphdef, params, frozen)
-    if random:
-        model.train()
+    model = training_model(graphdef, params, frozen, key)
     return last_token_rewards(model, batch.tokens, batch.positions, batch.segment_ids)
 
 

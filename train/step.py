@@ -111,18 +111,26 @@ def _reseeded(frozen: nnx.State, key: jax.Array) -> tuple[nnx.State, bool]:
     return nnx.from_flat_state(out), True
 
 
-def _forward(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch,
-             frozen: nnx.State | None = None, key: jax.Array | None = None
-             ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per-token cross-entropy [b, seq_len], its mask, and the load-balancing loss
-    over the input tokens (0.0 for a model without MoE layers). With `key`, random
-    layers (dropout) are on, drawn from it."""
+def training_model(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State | None,
+                   key: jax.Array | None = None):
+    """The merged model of a split; with `key` (and RNG streams in `frozen`), its random
+    layers (LoRA dropout) on, drawn from `key`."""
     random = False
     if key is not None and frozen is not None:
         frozen, random = _reseeded(frozen, key)
     model = merge(graphdef, params, frozen)
     if random:
         model.train()  # dropout on (created off), drawing from the fresh keys
+    return model
+
+
+def _forward(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch,
+             frozen: nnx.State | None = None, key: jax.Array | None = None
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-token cross-entropy [b, seq_len], its mask, and the load-balancing loss
+    over the input tokens (0.0 for a model without MoE layers). With `key`, random
+    layers (dropout) are on, drawn from it."""
+    model = training_model(graphdef, params, frozen, key)
     segments = batch.segment_ids
     inputs = dict(positions=batch.positions[:, :-1], attention_mask=segments[:, :-1])
     router = jnp.zeros((), jnp.float32)
