@@ -91,6 +91,11 @@ def adapt(model: nnx.Module, tokenizer: Tokenizer, ft: FinetuneConfig, seed: int
     """Add the method's adapter (and for a reward model the score head, which always
     trains) to `model` in place; returns the trainable filter."""
     trainable = _adapter(model, tokenizer, ft, seed)
+    if ft.objective == "ppo":
+        from flaxlm.train.ppo import ValueParam, add_value_head
+
+        add_value_head(model, nnx.Rngs(params=seed + 2))
+        return nnx.Any(trainable, ValueParam)
     if ft.objective != "reward":
         return trainable
     from flaxlm.model.reward import ScoreParam, add_score_head
@@ -255,7 +260,7 @@ def prepare_finetune(recipe: Recipe, run_dir: str | Path, overwrite: bool = Fals
 def _data(recipe: Recipe, tokenizer: Tokenizer):
     """(the endless training dataset, the held-out batches, GRPO's prompts or None) of the
     recipe's objective."""
-    if recipe.finetune.objective == "grpo":
+    if recipe.finetune.objective in ("grpo", "ppo"):
         from flaxlm.train.grpo import grpo_data, grpo_prompts
 
         prompts = grpo_prompts(recipe, tokenizer)
@@ -271,10 +276,12 @@ def _data(recipe: Recipe, tokenizer: Tokenizer):
 def _compile(recipe: Recipe, graphdef, opt, target, mesh, frozen, params, tokenizer, prompts,
              vocab_size: int):
     """The objective's compiled steps (`params`: the starting trainable weights)."""
-    if recipe.finetune.objective == "grpo":
+    if recipe.finetune.objective in ("grpo", "ppo"):
         from flaxlm.train.grpo import GrpoSteps
+        from flaxlm.train.ppo import PpoSteps
 
-        return GrpoSteps(recipe, graphdef, params, frozen, opt, target, mesh, tokenizer,
+        kind = PpoSteps if recipe.finetune.objective == "ppo" else GrpoSteps
+        return kind(recipe, graphdef, params, frozen, opt, target, mesh, tokenizer,
                          prompts).steps
     if recipe.finetune.objective == "dpo":
         from flaxlm.train.align import dpo_steps

@@ -5,7 +5,7 @@ completions of each with the policy's current weights on the compiled inference
 programs (flaxlm.infer.rollout, found through the `flaxlm.rollouts` entry point:
 train does not import infer), scores them with the recipe's reward callables
 (`module:function`, called as f(prompts, completions) -> one float per completion,
-summed with `grpo_reward_weights`), and normalizes each prompt's group:
+summed with `reward_weights`), and normalizes each prompt's group:
 
     A_ij = (r_ij - mean_j r_ij) / (std_j r_ij + 1e-4)     (std with Bessel's correction,
                                                            as TRL; equal rewards: A = 0)
@@ -81,9 +81,9 @@ class RewardFunctions:
             try:
                 fn = getattr(importlib.import_module(module_name), attr)
             except (ImportError, AttributeError) as e:
-                raise ConfigError(f"finetune.grpo_rewards: cannot import {name!r} ({e})") from e
+                raise ConfigError(f"finetune.rewards: cannot import {name!r} ({e})") from e
             if not callable(fn):
-                raise ConfigError(f"finetune.grpo_rewards: {name!r} is not callable")
+                raise ConfigError(f"finetune.rewards: {name!r} is not callable")
             functions.append(fn)
         return cls(tuple(names), tuple(functions), tuple(weights) or (1.0,) * len(names))
 
@@ -250,7 +250,7 @@ class GrpoSteps:
         ft = recipe.finetune
         self.recipe, self.graphdef, self.frozen, self.tokenizer = recipe, graphdef, frozen, tokenizer
         self.train_prompts, self.eval_prompts = prompts
-        self.rewards = RewardFunctions.resolve(ft.grpo_rewards, ft.grpo_reward_weights)
+        self.rewards = RewardFunctions.resolve(ft.rewards, ft.reward_weights)
         self.rollouts = _rollout_engine()(merge(graphdef, params, frozen), tokenizer)
         self.reference = reference_of(params, ft.method)
         shardings = state_shardings(target, optimizer, mesh, recipe.train.sharding_rules)
@@ -266,7 +266,7 @@ class GrpoSteps:
     def _sample(self, params, prompts: list[Prompt], *, n: int, temperature: float, seed: int):
         self.rollouts.set_weights(nnx.split(merge(self.graphdef, params, self.frozen))[1])
         samples = self.rollouts.sample([list(p.ids) for p in prompts], n=n, temperature=temperature,
-                                       max_new_tokens=self.recipe.finetune.grpo_max_new_tokens,
+                                       max_new_tokens=self.recipe.finetune.rollout_max_new_tokens,
                                        seed=seed)
         texts = [prompts[s.prompt].text for s in samples]
         rewards, means = self.rewards(texts, [s.text for s in samples])
@@ -278,7 +278,7 @@ class GrpoSteps:
         start = time.perf_counter()
         seed = (self.recipe.train.seed * 1_000_003 + step * len(prompts)) % 2**31
         samples, rewards, means = self._sample(state.params, prompts, n=ft.grpo_num_generations,
-                                               temperature=ft.grpo_temperature, seed=seed)
+                                               temperature=ft.rollout_temperature, seed=seed)
         advantages = group_advantages(rewards.reshape(len(prompts), -1)).reshape(1, -1)
         batch = self._rows(prompts, samples)
         rollout_s = time.perf_counter() - start

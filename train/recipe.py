@@ -11,7 +11,8 @@ A recipe has one table per concern:
     [checkpoint]  every, keep, async_save
     [log]         every, eval_every, eval_batches, peak_tflops, progress, tensorboard, plot
     [finetune]    base, method (full | lora | prompt), objective (sft | dpo | reward | grpo |
-                  distill), dpo_*, grpo_*, arithmetic_*, distill_*,
+                  ppo | distill), dpo_*, grpo_*, ppo_*, rollout_*, rewards, arithmetic_*,
+                  distill_*,
                   freeze, lora_*, prompt_*, report_*
                   (`flaxlm finetune` only; see FinetuneConfig)
 
@@ -156,7 +157,7 @@ class LogConfig:
 
 
 METHODS = ("full", "lora", "prompt")
-OBJECTIVES = ("sft", "dpo", "reward", "grpo", "distill")
+OBJECTIVES = ("sft", "dpo", "reward", "grpo", "ppo", "distill")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,18 +176,26 @@ class FinetuneConfig:
     dpo_beta: float = 0.1         # DPO: the strength of the pull towards the reference
     dpo_label_smoothing: float = 0.0  # DPO: the assumed fraction of flipped labels (cDPO)
     grpo_num_generations: int = 4 # GRPO: completions sampled per prompt (a group; >= 2)
-    grpo_max_new_tokens: int = 16 # GRPO: the longest completion
-    grpo_temperature: float = 1.0 # GRPO: sampling temperature of the rollouts
+    rollout_max_new_tokens: int = 16  # GRPO, PPO: the longest completion
+    rollout_temperature: float = 1.0  # GRPO, PPO: sampling temperature of the rollouts
     grpo_beta: float = 0.04       # GRPO: weight of the k3 KL estimate to the reference
     grpo_epsilon: float = 0.2     # GRPO: the ratio's clip range [1 - eps, 1 + eps]
-    grpo_rewards: tuple[str, ...] = ("flaxlm.model.arithmetic:arithmetic_reward",)
-                                  # GRPO: reward callables "module:function" (prompts,
-                                  # completions) -> floats, summed with grpo_reward_weights
-    grpo_reward_weights: tuple[float, ...] = ()  # one per reward; empty: all 1.0
+    rewards: tuple[str, ...] = ("flaxlm.model.arithmetic:arithmetic_reward",)
+                                  # GRPO, PPO: reward callables "module:function" (prompts,
+                                  # completions) -> floats, summed with reward_weights
+    reward_weights: tuple[float, ...] = ()  # one per reward; empty: all 1.0
     distill_teacher: str = ""     # distill: the teacher (any name/path load takes; same tokenizer)
     distill_teacher_quantize: str = ""  # distill: "int8" loads the teacher in int8
     distill_temperature: float = 2.0    # distill: T of the softened distributions
     distill_alpha: float = 0.5    # distill: loss = alpha T^2 KL + (1 - alpha) CE
+    ppo_epochs: int = 4           # PPO: passes over each rollout batch
+    ppo_minibatches: int = 2      # PPO: optimizer updates per pass
+    ppo_kl_coef: float = 0.05     # PPO: per-token KL penalty to the reference in the reward
+    ppo_gamma: float = 1.0        # PPO: discount
+    ppo_lam: float = 0.95         # PPO: GAE lambda
+    ppo_cliprange: float = 0.2    # PPO: the ratio's clip range
+    ppo_cliprange_value: float = 0.2  # PPO: the value's clip range around the rollout's
+    ppo_vf_coef: float = 0.1      # PPO: weight of the value loss
     arithmetic_max_operand: int = 20    # GRPO without data.files: the arithmetic task's sizes
     arithmetic_operations: str = "+*"
     arithmetic_train: int = 2000  # problems in the training split (held out: log.eval_batches
@@ -220,17 +229,24 @@ class FinetuneConfig:
         _check(self.grpo_num_generations >= 2,
                f"finetune.grpo_num_generations must be >= 2 (advantages are relative to the "
                f"group of a prompt's completions), got {self.grpo_num_generations}")
-        _check(self.grpo_max_new_tokens >= 1, "finetune.grpo_max_new_tokens must be >= 1")
-        _check(self.grpo_temperature > 0, "finetune.grpo_temperature must be > 0")
+        _check(self.rollout_max_new_tokens >= 1, "finetune.rollout_max_new_tokens must be >= 1")
+        _check(self.rollout_temperature > 0, "finetune.rollout_temperature must be > 0")
         _check(self.grpo_beta >= 0 and self.grpo_epsilon > 0,
                "finetune.grpo_beta must be >= 0 and finetune.grpo_epsilon > 0")
-        _check(bool(self.grpo_rewards) and all(":" in r for r in self.grpo_rewards),
-               f"finetune.grpo_rewards must name callables as \"module:function\", got "
-               f"{list(self.grpo_rewards)}")
-        _check(not self.grpo_reward_weights
-               or len(self.grpo_reward_weights) == len(self.grpo_rewards),
-               f"finetune.grpo_reward_weights has {len(self.grpo_reward_weights)} weights for "
-               f"{len(self.grpo_rewards)} rewards")
+        _check(bool(self.rewards) and all(":" in r for r in self.rewards),
+               f"finetune.rewards must name callables as \"module:function\", got "
+               f"{list(self.rewards)}")
+        _check(not self.reward_weights
+               or len(self.reward_weights) == len(self.rewards),
+               f"finetune.reward_weights has {len(self.reward_weights)} weights for "
+               f"{len(self.rewards)} rewards")
+        _check(not (self.objective in ("reward", "ppo") and self.method == "prompt"),
+               f"finetune.objective = \"{self.objective}\" trains a head beside the weights: "
+               "use method full or lora")
+        _check(self.ppo_epochs >= 1 and self.ppo_minibatches >= 1,
+               "finetune.ppo_epochs and finetune.ppo_minibatches must be >= 1")
+        _check(0 <= self.ppo_gamma <= 1 and 0 <= self.ppo_lam <= 1,
+               "finetune.ppo_gamma and finetune.ppo_lam must be in [0, 1]")
         _check(self.objective != "distill" or bool(self.distill_teacher),
                "finetune.objective = \"distill\" needs finetune.distill_teacher (the teacher "
                "model's name or path)")
@@ -344,7 +360,7 @@ class Recipe:
         out["data"]["files"] = list(self.data.files)
         out["train"]["rules"] = list(self.train.rules)
         if self.finetune is not None:
-            for name in ("grpo_rewards", "grpo_reward_weights"):
+            for name in ("rewards", "reward_weights"):
                 out["finetune"][name] = list(getattr(self.finetune, name))
             out["finetune"]["freeze"] = list(self.finetune.freeze)
             out["finetune"]["lora_targets"] = list(self.finetune.lora_targets)

@@ -103,8 +103,8 @@ def grpo_recipe(base_dir, prompts_file, steps: int, **finetune) -> Recipe:  # no
     return Recipe.from_dict({
         "finetune": {"base": str(base_dir), "method": "lora", "objective": "grpo",
                      "lora_rank": 4, "lora_alpha": 8.0, "report_examples": 0,
-                     "grpo_rewards": ["tests.train.test_grpo:share_of_e"],
-                     "grpo_num_generations": 4, "grpo_max_new_tokens": 8, **finetune},
+                     "rewards": ["tests.train.test_grpo:share_of_e"],
+                     "grpo_num_generations": 4, "rollout_max_new_tokens": 8, **finetune},
         "data": {"files": [str(prompts_file)], "seq_len": 32, "eval_fraction": 0.2},
         "optimizer": {"lr": 1e-1, "warmup_steps": 0, "weight_decay": 0.0},
         "train": {"steps": steps, "batch_size": 8},
@@ -160,7 +160,7 @@ def test_a_raising_reward_names_function_and_sample(tmp_path, base_dir,  # noqa:
                                                     prompts_file):
     CALLS["n"] = 0
     recipe = grpo_recipe(base_dir, prompts_file, 6,
-                         grpo_rewards=["tests.train.test_grpo:fails_from_third_call"])
+                         rewards=["tests.train.test_grpo:fails_from_third_call"])
     with pytest.raises(RewardError, match=r"reward function tests\.train\.test_grpo:"
                                           r"fails_from_third_call raised on sample 0 \(prompt "):
         ft_lib.finetune(recipe, tmp_path)
@@ -174,8 +174,8 @@ def test_a_raising_reward_names_function_and_sample(tmp_path, base_dir,  # noqa:
 
 @pytest.mark.parametrize("settings, message", [
     ({"grpo_num_generations": 1}, "grpo_num_generations must be >= 2"),
-    ({"grpo_rewards": ["no_colon"]}, "must name callables"),
-    ({"grpo_reward_weights": [1.0, 2.0]}, "2 weights for 1 rewards"),
+    ({"rewards": ["no_colon"]}, "must name callables"),
+    ({"reward_weights": [1.0, 2.0]}, "2 weights for 1 rewards"),
 ])
 def test_bad_grpo_settings_are_refused(base_dir, prompts_file, settings, message):  # noqa: F811
     with pytest.raises(Exception, match=message):
@@ -185,6 +185,6 @@ def test_bad_grpo_settings_are_refused(base_dir, prompts_file, settings, message
 def test_an_unknown_reward_function_is_refused_before_compiling(tmp_path, base_dir,  # noqa: F811
                                                                prompts_file):
     recipe = grpo_recipe(base_dir, prompts_file, 2,
-                         grpo_rewards=["tests.train.test_grpo:no_such_reward"])
+                         rewards=["tests.train.test_grpo:no_such_reward"])
     with pytest.raises(Exception, match=r"cannot import 'tests.train.test_grpo:no_such_reward'"):
         ft_lib.prepare_finetune(recipe, tmp_path)

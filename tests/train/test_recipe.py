@@ -163,7 +163,8 @@ def test_finetune_table_is_checked():
                            ({"method": "lora", "freeze": ["embed"]}, "freeze is for method full"),
                            ({"lora_targets": ["q_proj("]}, "is not a regular expression"),
                            ({"lora_dropout": 1.0}, "lora_dropout must be in [0, 1)"),
-                           ({"objective": "ppo"}, "finetune.objective 'ppo' is not one of"),
+                           ({"objective": "kto"}, "finetune.objective 'kto' is not one of"),
+                           ({"objective": "ppo", "method": "prompt"}, "use method full or lora"),
                            ({"dpo_beta": 0.0}, "dpo_beta must be > 0"),
                            ({"dpo_label_smoothing": 0.5}, "must be in [0, 0.5)")]:
         with pytest.raises(ConfigError, match=re.escape(message)):
