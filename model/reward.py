@@ -126,3 +126,40 @@ def load_reward_model(directory: str | os.PathLike, dtype: str = "float32"
     head = add_score_head(model, nnx.Rngs(0))
     head.kernel[...] = jnp.asarray(weight[0], jnp.float32)
     return model, tokenizer
+
+
+def score_texts(model: nnx.Module, tokenizer: Tokenizer, texts, batch_size: int = 8,
+                pad_to: int = 64) -> np.ndarray:
+    """Rewards [len(texts)] of strings (tokenized as they are) or chats (lists of
+    {"role", "content"}, rendered with the chat template as reward training renders its
+    pairs); no special tokens are added (the template writes them). Rows are right-padded
+    to a multiple of `pad_to` and scored `batch_size` at a time by one compiled program
+    per padded shape."""
+    encoded = []
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            text = tokenizer.apply_chat_template(list(text), add_generation_prompt=False)
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if not ids or len(ids) > model.config.max_seq_len:
+            raise ConfigError(f"text {i} has {len(ids)} tokens; a reward needs 1 to "
+                              f"{model.config.max_seq_len} (the model's context)")
+        encoded.append(ids)
+    graphdef, state = nnx.split(model)
+    out = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        width = min(-(-max(map(len, chunk)) // pad_to) * pad_to, model.config.max_seq_len)
+        tokens = np.zeros((batch_size, width), np.int32)
+        segments = np.zeros((batch_size, width), np.int32)
+        for row, ids in enumerate(chunk):
+            tokens[row, :len(ids)], segments[row, :len(ids)] = ids, 1
+        positions = np.broadcast_to(np.arange(width, dtype=np.int32), tokens.shape)
+        rewards = _compiled_rewards(graphdef, state, jnp.asarray(tokens),
+                                    jnp.asarray(positions), jnp.asarray(segments))
+        out.append(np.asarray(rewards)[:len(chunk)])
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+@jax.jit
+def _compiled_rewards(graphdef, state, tokens, positions, segments):
+    return last_token_rewards(nnx.merge(graphdef, state), tokens, positions, segments)

@@ -1,8 +1,9 @@
 """PPO for language models (RLHF as InstructGPT; the losses as TRL's PPOTrainer).
 
 Each step samples one completion per prompt with the policy's current weights (the
-compiled sampler, as GRPO: flaxlm.train.grpo), scores it with the `rewards` callables,
-and builds per-token rewards: the score at the completion's last token, minus
+compiled sampler, as GRPO: flaxlm.train.grpo), scores it with the `rewards` callables
+or a trained reward model (`ppo_reward_model`, flaxlm.model.reward; a directory without
+a score head is refused before anything compiles), and builds per-token rewards: the score at the completion's last token, minus
 `ppo_kl_coef` * (log pi_old - log ref) at every completion token. A value head (a
 vector [embed] on the policy's final hidden states, trained with it) gives V; GAE
 (`ppo_gamma`, `ppo_lam`) gives advantages (whitened over the batch's tokens) and
@@ -151,6 +152,27 @@ def ppo_update(state: TrainState, rows: Batch, old_logps, old_values, advantages
                                    "entropy": entropy})
 
 
+class RewardModelScore:
+    """PPO's reward from a trained reward model: the chat (prompt, then the completion as
+    the assistant's turn) rendered with the reward model's own template and tokenizer, as
+    its training rendered pairs; the same interface as flaxlm.train.grpo.RewardFunctions."""
+
+    def __init__(self, path: str):
+        from flaxlm.model.reward import load_reward_model
+
+        self.model, self.tokenizer = load_reward_model(path)
+        if self.tokenizer is None:
+            raise ConfigError(f"finetune.ppo_reward_model {path}: no tokenizer.json")
+
+    def __call__(self, prompts, completions):
+        from flaxlm.model.reward import score_texts
+
+        chats = [[*([{"role": "user", "content": p}] if isinstance(p, str) else p),
+                  {"role": "assistant", "content": c}] for p, c in zip(prompts, completions)]
+        scores = score_texts(self.model, self.tokenizer, chats).astype(np.float32)
+        return scores, {"reward/reward_model": float(scores.mean())}
+
+
 class PpoSteps(GrpoSteps):
     """GRPO's rollouts, prompts, rewards and held-out evaluation; PPO's update."""
 
@@ -159,6 +181,8 @@ class PpoSteps(GrpoSteps):
         super().__init__(recipe, graphdef, params, frozen, optimizer, target, mesh, tokenizer,
                          prompts)
         ft = recipe.finetune
+        if ft.ppo_reward_model:
+            self.rewards = RewardModelScore(ft.ppo_reward_model)
         if recipe.train.batch_size % ft.ppo_minibatches:
             raise ConfigError(f"train.batch_size ({recipe.train.batch_size}) is not divisible "
                               f"by finetune.ppo_minibatches ({ft.ppo_minibatches})")

@@ -188,6 +188,8 @@ class FinetuneConfig:
     distill_teacher_quantize: str = ""  # distill: "int8" loads the teacher in int8
     distill_temperature: float = 2.0    # distill: T of the softened distributions
     distill_alpha: float = 0.5    # distill: loss = alpha T^2 KL + (1 - alpha) CE
+    ppo_reward_model: str = ""    # PPO: a reward model's HF directory (flaxlm.model.reward)
+                                  # scoring the chat prompt + completion instead of `rewards`
     ppo_epochs: int = 4           # PPO: passes over each rollout batch
     ppo_minibatches: int = 2      # PPO: optimizer updates per pass
     ppo_kl_coef: float = 0.05     # PPO: per-token KL penalty to the reference in the reward

@@ -75,3 +75,40 @@ def test_a_few_iterations_raise_the_reward(tmp_path, base_dir, prompts_file):  #
     assert records[0]["kl"] == pytest.approx(0.0, abs=1e-4) and records[-1]["kl"] > 0
     assert {"pg_loss", "vf_loss", "clip_fraction", "entropy", "rollout_s", "train_s"} \
         <= records[-1].keys()
+
+
+def ppo_recipe(base_dir, prompts_file, **finetune) -> Recipe:  # noqa: F811
+    return Recipe.from_dict({
+        "finetune": {"base": str(base_dir), "method": "lora", "objective": "ppo",
+                     "lora_rank": 4, "lora_alpha": 8.0, "report_examples": 0,
+                     "rollout_max_new_tokens": 6, "ppo_epochs": 1, "ppo_minibatches": 2,
+                     **finetune},
+        "data": {"files": [str(prompts_file)], "seq_len": 32, "eval_fraction": 0.2},
+        "optimizer": {"lr": 1e-2, "warmup_steps": 0, "weight_decay": 0.0},
+        "train": {"steps": 2, "batch_size": 8},
+        "checkpoint": {"every": 2, "keep": 2},
+        "log": {"every": 1, "eval_every": 100, "eval_batches": 1, "progress": False,
+                "tensorboard": False, "plot": False},
+    }, source="test recipe")
+
+
+def test_reward_from_a_reward_model(tmp_path, base_dir, prompts_file):  # noqa: F811
+    """A reward model directory (the base with a random score head, HF layout) scores the
+    rollouts; a directory without a score head is refused before anything compiles."""
+    from flax import nnx
+
+    from flaxlm.model import load
+    from flaxlm.model.errors import CheckpointError
+    from flaxlm.model.reward import add_score_head, save_reward_model
+
+    model, tokenizer = load(base_dir)
+    add_score_head(model, nnx.Rngs(0))
+    save_reward_model(model, tokenizer, tmp_path / "rm")
+    ft_lib.finetune(ppo_recipe(base_dir, prompts_file, ppo_reward_model=str(tmp_path / "rm")),
+                    tmp_path / "run")
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["reward"] == r["reward/reward_model"] != 0.0 for r in records)
+    with pytest.raises(CheckpointError, match="not a reward model: no score head"):
+        ft_lib.prepare_finetune(ppo_recipe(base_dir, prompts_file,
+                                           ppo_reward_model=str(base_dir)), tmp_path / "bad")
