@@ -108,7 +108,8 @@ def _finetune(args: argparse.Namespace) -> int:
     result = finetune(recipe, run_dir, overwrite=args.overwrite)
     code = _finish(result, run_dir)
     if code == 0 and not args.no_report and not recipe.data.files \
-            and recipe.finetune.report_examples and recipe.finetune.objective != "reward":
+            and recipe.finetune.report_examples and recipe.finetune.objective != "reward" \
+            and recipe.finetune.base:
         _report(run_dir, recipe)   # a reward model generates nothing to score
     if code == 0 and recipe.finetune.objective == "reward":
         from flaxlm.train.finetune import export_finetuned

@@ -57,8 +57,12 @@ RUN_CONTENTS = ("checkpoints", "tensorboard", "tokenizer", "export", RUN_FILE, "
 
 def load_base(recipe: Recipe) -> tuple[nnx.Module, Tokenizer]:
     """The base model of `finetune.base` (int8 with finetune.quantize) with the [model]
-    table's dtype, param_dtype and remat, and its tokenizer."""
+    table's dtype, param_dtype and remat, and its tokenizer; with no base (method full),
+    a new model of the [model] table initialised from train.seed, with the tokenizer of
+    [tokenizer] source (a student trained from scratch, e.g. by distillation)."""
     ft, table = recipe.finetune, dict(recipe.model)
+    if not ft.base:
+        return _new_model(recipe)
     model, tokenizer = load(ft.base, dtype=table.get("dtype", "float32"),
                             param_dtype=table.get("param_dtype"),
                             quantize=ft.quantize or None)
@@ -70,6 +74,21 @@ def load_base(recipe: Recipe) -> tuple[nnx.Module, Tokenizer]:
             raise ConfigError("[model] settings other than dtype cannot change an int8 base")
         model = build_model(config, flat_params(model), source=ft.base)
     return model, tokenizer
+
+
+def _new_model(recipe: Recipe) -> tuple[nnx.Module, Tokenizer]:
+    from flaxlm.model.decoder import Decoder
+    from flaxlm.train.prepare import _load_tokenizer
+
+    if recipe.tokenizer.source == "train":
+        raise ConfigError("finetune.base = \"\" makes a new model: set [tokenizer] source to the "
+                          "model whose tokenizer it uses (e.g. the teacher)")
+    config = recipe.model_config()
+    tokenizer = _load_tokenizer(recipe.tokenizer.source)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ConfigError(f"[tokenizer] source {recipe.tokenizer.source} has "
+                          f"{tokenizer.vocab_size} tokens, model.vocab_size is {config.vocab_size}")
+    return Decoder(config, rngs=nnx.Rngs(recipe.train.seed)), tokenizer
 
 
 def _freeze_filter(model: nnx.Module, patterns: tuple[str, ...]):

@@ -166,7 +166,8 @@ class FinetuneConfig:
     chats, flaxlm.train.sft; DPO on preference pairs, flaxlm.train.dpo; a reward model
     on preference pairs, flaxlm.train.reward)."""
 
-    base: str = "smollm2-135m-instruct"  # the model to adapt (any name/path flaxlm.model.load takes)
+    base: str = "smollm2-135m-instruct"  # the model to adapt (any name/path flaxlm.model.load takes);
+                                  # "": a new model of the [model] table (method full)
     quantize: str = ""            # "int8": a frozen int8 base (LoRA / prompt only, QLoRA-style)
     method: str = "lora"          # full | lora | prompt: what trains
     objective: str = "sft"        # sft (chats) | dpo (preference pairs, flaxlm.train.dpo) |
@@ -262,7 +263,9 @@ class FinetuneConfig:
         _check(0 <= self.dpo_label_smoothing < 0.5,
                f"finetune.dpo_label_smoothing must be in [0, 0.5), got "
                f"{self.dpo_label_smoothing}")
-        _check(bool(self.base), "finetune.base must name the model to fine-tune")
+        _check(bool(self.base) or self.method == "full",
+               "finetune.base must name the model to fine-tune (or be \"\" with method "
+               "full: a new model of the [model] table)")
         _check(self.quantize in ("", "int8"),
                f"finetune.quantize {self.quantize!r} is not \"\" or \"int8\"")
         _check(not (self.quantize and self.method == "full"),

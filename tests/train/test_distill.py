@@ -123,3 +123,21 @@ def test_a_teacher_with_another_tokenizer_is_refused(tmp_path, base_dir, chats, 
     assert not compiled
     with pytest.raises(ConfigError, match="needs finetune.distill_teacher"):
         distill_recipe(base_dir, chats, "")
+
+
+def test_a_new_student_learns_from_its_teacher(tmp_path, base_dir, chats):  # noqa: F811
+    """finetune.base = "": a student of the [model] table (smaller than the teacher) with the
+    [tokenizer] source's tokenizer; distillation (alpha 0.5) lowers its KL to the teacher."""
+    recipe = distill_recipe("", chats, base_dir, method="full", distill_alpha=0.5).to_dict()
+    recipe["model"] = dict(vocab_size=320, embed_dim=32, num_layers=1, num_heads=2,
+                           num_kv_heads=1, head_dim=16, mlp_dim=64, max_seq_len=64)
+    recipe["tokenizer"] = {"source": str(base_dir)}
+    recipe["train"]["steps"] = 4
+    recipe["checkpoint"]["every"] = 4
+    recipe["log"]["eval_every"] = 4
+    ft_lib.finetune(Recipe.from_dict(recipe, source="r"), tmp_path)
+    records = read_metrics(tmp_path)
+    assert records[-1]["kl"] < records[0]["kl"] and records[-1]["eval_ce"] is not None
+    no_tokenizer = {**recipe, "tokenizer": {"source": "train"}}
+    with pytest.raises(ConfigError, match=r"set \[tokenizer\] source"):
+        ft_lib.prepare_finetune(Recipe.from_dict(no_tokenizer, source="r"), tmp_path / "x")

@@ -144,8 +144,14 @@ def test_every_finetune_recipe_loads(path):
     the docstrings task (no data.files), settings that fit SmolLM2-135M's shape."""
     recipe = Recipe.load(path)
     assert recipe.finetune.method == path.name.split("-")[1]
-    assert recipe.finetune.base == "smollm2-135m-instruct" and recipe.data.files == ()
-    config = recipe.model_config(ModelConfig.preset("smollm2-135m"))
+    assert recipe.data.files == ()
+    if recipe.finetune.base:
+        assert recipe.finetune.base == "smollm2-135m-instruct"
+        config = recipe.model_config(ModelConfig.preset("smollm2-135m"))
+    else:  # a new student with SmolLM2's tokenizer, distilled from SmolLM2
+        assert recipe.tokenizer.source == recipe.finetune.distill_teacher == "smollm2-135m-instruct"
+        config = recipe.model_config()
+        assert config.vocab_size == ModelConfig.preset("smollm2-135m").vocab_size
     assert recipe.data.seq_len <= config.max_seq_len and config.dtype == "float32"
     assert recipe.finetune.objective == ("sft" if len(path.name.split("-")) == 3
                                          else path.name.split("-")[2])
