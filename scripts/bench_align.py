@@ -97,7 +97,7 @@ def main(argv=None) -> None:
             grpo.rollouts.set_weights(_weights(grpo, state.params))  # the old ones were donated
             samples = grpo.rollouts.sample(ids, n=n, max_new_tokens=ft.rollout_max_new_tokens,
                                            temperature=ft.rollout_temperature, seed=step)
-            rows = jax.tree.map(lambda x: x[0], grpo._rows(prompts, samples))
+            rows = jax.tree.map(lambda x: x[0], grpo._rows(prompts, samples)[0])
             start = time.perf_counter()
             jax.block_until_ready(reference(rows))
             if step:  # the first step compiles

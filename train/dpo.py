@@ -84,8 +84,11 @@ def accumulated(sums_fn, params, batch: Batch, key: jax.Array):
     """(LossSum, gradient of its total) summed over micro-batches batch[i]
     ([grad_accum, rows, ...]); `sums_fn(params, micro, key) -> LossSum`; micro-batch i
     draws its dropout from fold_in(key, i)."""
-    grad_fn = jax.value_and_grad(lambda p, m, k: (lambda s: (s.total, s))(sums_fn(p, m, k)),
-                                 has_aux=True)
+    def objective(p, micro, micro_key):
+        sums = sums_fn(p, micro, micro_key)
+        return sums.total, sums
+
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
 
     def step(carry, inputs):
         micro, index = inputs

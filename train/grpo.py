@@ -260,7 +260,6 @@ class GrpoSteps:
         replicated = NamedSharding(mesh, P())
         self.steps = Steps(train=self.train, eval=self.evaluate, state_sharding=shardings,
                            train_batch_sharding=replicated, eval_batch_sharding=replicated)
-        self.truncated = 0
         self._reference_rewards: dict[tuple[int, ...], float] = {}
 
     def _sample(self, params, prompts: list[Prompt], *, n: int, temperature: float, seed: int):
@@ -280,12 +279,13 @@ class GrpoSteps:
         samples, rewards, means = self._sample(state.params, prompts, n=ft.grpo_num_generations,
                                                temperature=ft.rollout_temperature, seed=seed)
         advantages = group_advantages(rewards.reshape(len(prompts), -1)).reshape(1, -1)
-        batch = self._rows(prompts, samples)
+        batch, truncated = self._rows(prompts, samples)
         rollout_s = time.perf_counter() - start
         state, metrics = self._update(state, batch, jnp.asarray(advantages), self.frozen,
                                       self.reference)
         jax.block_until_ready(metrics.loss)
         extra = {**metrics.extra, "reward": float(rewards.mean()), **means,
+                 "truncated": truncated,
                  "rollout_s": rollout_s, "train_s": time.perf_counter() - start - rollout_s}
         return state, metrics.replace(extra=extra)
 
@@ -302,22 +302,24 @@ class GrpoSteps:
                        extra={"reward": float(rewards.sum()),
                               "ref_reward": self._reference_rewards[index]})
 
-    def _rows(self, prompts: list[Prompt], samples) -> Batch:
-        """Prompt + completion rows [1, rows, seq_len + 1]; the completion is trained."""
+    def _rows(self, prompts: list[Prompt], samples) -> tuple[Batch, int]:
+        """Prompt + completion rows [1, rows, seq_len + 1] (the completion is trained), and
+        how many were cut to data.seq_len + 1 tokens (logged as `truncated`)."""
         width = self.recipe.data.seq_len + 1
         tokens = np.zeros((len(samples), width), np.int32)
         loss_mask = np.zeros_like(tokens)
         segments = np.zeros_like(tokens)
+        truncated = 0
         for row, s in enumerate(samples):
             prompt = list(prompts[s.prompt].ids)
             ids = (prompt + s.token_ids)[:width]
-            self.truncated += len(prompt) + len(s.token_ids) > width
+            truncated += len(prompt) + len(s.token_ids) > width
             tokens[row, :len(ids)], segments[row, :len(ids)] = ids, 1
             loss_mask[row, len(prompt):len(ids)] = 1
         positions = np.broadcast_to(np.arange(width, dtype=np.int32), tokens.shape).copy()
-        return jax.tree.map(lambda x: jnp.asarray(x[None]),
-                            Batch(tokens=tokens, segment_ids=segments, positions=positions,
-                                  loss_mask=loss_mask))
+        batch = Batch(tokens=tokens, segment_ids=segments, positions=positions,
+                      loss_mask=loss_mask)
+        return jax.tree.map(lambda x: jnp.asarray(x[None]), batch), truncated
 
 
 def _rollout_engine():

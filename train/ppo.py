@@ -201,7 +201,8 @@ class PpoSteps(GrpoSteps):
         seed = (self.recipe.train.seed * 1_000_003 + step * len(prompts)) % 2**31
         samples, scores, means = self._sample(state.params, prompts, n=1,
                                               temperature=ft.rollout_temperature, seed=seed)
-        rows = jax.tree.map(lambda x: x[0], self._rows(prompts, samples))
+        batch, truncated = self._rows(prompts, samples)
+        rows = jax.tree.map(lambda x: x[0], batch)
         rollout_s = time.perf_counter() - start
         old_logps, old_values, advantages, returns, kl = self._prepare(
             state.params, self.reference, rows, jnp.asarray(scores), self.frozen)
@@ -209,5 +210,6 @@ class PpoSteps(GrpoSteps):
                                       self.frozen)
         jax.block_until_ready(metrics.loss)
         extra = {**metrics.extra, "reward": float(scores.mean()), **means, "kl": float(kl),
+                 "truncated": truncated,
                  "rollout_s": rollout_s, "train_s": time.perf_counter() - start - rollout_s}
         return state, metrics.replace(extra=extra)
