@@ -1,0 +1,194 @@
+"""Continuous batching without HTTP: each request, among others, equals LLM.generate alone."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from flaxlm.infer.llm import LLM
+from flaxlm.infer.sampling import SamplingParams
+from flaxlm.infer.serve.scheduler import Event, QueueFull, Request, Scheduler
+from flaxlm.model import ConfigError
+
+SLOTS = 4
+CONTEXT = 256
+
+
+class Collector:
+    """A request's events, gathered on the scheduler thread."""
+
+    def __init__(self, n=1):
+        self.events: list[Event] = []
+        self.n, self.done = n, threading.Event()
+
+    def __call__(self, event):
+        self.events.append(event)
+        if event.error is not None or sum(e.finish_reason is not None
+                                          for e in self.events) == self.n:
+            self.done.set()
+
+    def tokens(self, k=0):
+        return [t for e in self.events if e.index == k for t in e.token_ids]
+
+    def text(self, k=0):
+        return "".join(e.text for e in self.events if e.index == k)
+
+    def reason(self, k=0):
+        return [e.finish_reason for e in self.events if e.index == k and e.finish_reason]
+
+
+def submit(scheduler, ids, params, **kwargs):
+    collector = Collector(params.n)
+    request = Request(prompt_ids=list(ids), params=params, emit=collector, **kwargs)
+    scheduler.submit(request)
+    return request, collector
+
+
+@pytest.fixture(scope="module", params=["llama-gqa", "mistral-window"])
+def served(request, tiny_hf):
+    """(scheduler, reference LLM): the scheduler warmed up and running on its own LLM,
+    with prefill chunks of 16 and 32 so a 100-token prompt takes four."""
+    _, directory = tiny_hf(request.param, 5)
+    scheduler = Scheduler(LLM.load(directory), max_slots=SLOTS, context=CONTEXT,
+                          steps_per_round=4, chunks=(16, 32))
+    scheduler.warmup()
+    scheduler.start()
+    yield scheduler, LLM.load(directory)
+    scheduler.stop(drain_s=0)
+
+
+def _mixed(llm, vocab):
+    """Prompts and settings: greedy and seeded sampling with every filter and penalty, n=2,
+    logprobs, stop strings, stop tokens, min_tokens; prompts from 3 to 100 tokens."""
+    rng = np.random.default_rng(0)
+    free = llm.generate("The quick brown fox", SamplingParams(temperature=0, max_new_tokens=16,
+                                                                ignore_eos=True))[0]
+    settings = [
+        SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True),
+        SamplingParams(temperature=0.9, top_k=20, max_new_tokens=17, seed=3, ignore_eos=True,
+                       repetition_penalty=1.2),
+        SamplingParams(temperature=0.7, top_p=0.9, min_p=0.05, max_new_tokens=30, seed=5,
+                       presence_penalty=0.5, frequency_penalty=0.3, logit_bias={7: 5.0}),
+        SamplingParams(temperature=0, max_new_tokens=25, logprobs=3, ignore_eos=True),
+        SamplingParams(temperature=1.0, max_new_tokens=12, seed=9, n=2, ignore_eos=True),
+        SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True, stop=[free.text[6:9]]),
+        SamplingParams(temperature=0, max_new_tokens=30, stop_token_ids=(free.token_ids[5],),
+                       min_new_tokens=2),
+    ]
+    out = []
+    for i in range(14):
+        length = 100 if i % 5 == 2 else int(rng.integers(3, 60))
+        ids = rng.integers(1, vocab, length).tolist()
+        if i % 7 == 5:
+            ids = llm.tokenizer.encode("The quick brown fox")
+        out.append((ids, settings[i % len(settings)]))
+    return out
+
+
+def test_each_request_among_others_equals_it_alone(served):
+    """14 requests on 4 slots, arriving while others decode (queueing, chunked prefill, slots
+    reused, the ring cache wrapping): tokens, text, finish reason and logprobs are those of
+    LLM.generate of the request alone, and nothing compiles after warm-up."""
+    scheduler, llm = served
+    compiled = scheduler.num_compiled
+    submitted = []
+    for ids, params in _mixed(llm, llm.config.vocab_size):
+        submitted.append((ids, params, submit(scheduler, ids, params)[1]))
+        time.sleep(0.02)
+    for ids, params, got in submitted:
+        assert got.done.wait(120)
+        reference = llm.generate([ids], params)[0].outputs
+        for k in range(params.n):
+            ref = next(r for r in reference if r.token_ids == got.tokens(k)) if params.n > 1 \
+                else reference[0]
+            assert got.tokens(k) == ref.token_ids, (len(ids), params)
+            assert got.text(k) == ref.text
+            assert got.reason(k) == [ref.finish_reason]
+            if params.logprobs is not None:
+                lp = [x for e in got.events for x in e.logprobs]
+                np.testing.assert_allclose(lp, ref.logprobs, atol=1e-4)
+                top = [x for e in got.events for x in e.top_logprobs]
+                assert [list(t) for t in top] == [list(t) for t in ref.top_logprobs]
+        if params.n > 1:
+            assert sorted(got.tokens(k) for k in range(2)) == sorted(r.token_ids for r in reference)
+    reasons = {r for _, _, got in submitted for r in got.reason()}
+    assert reasons == {"stop", "length"}
+    assert scheduler.num_compiled == compiled
+    assert scheduler.busy_slots == 0 and scheduler.queue_depth == 0
+
+
+def test_cancel_and_timeout_free_their_slots(served):
+    """The scheduler is held inside a listener (it runs on the scheduler thread) while a
+    request's timeout passes; cancelled requests, running or waiting, end as such."""
+    scheduler, llm = served
+    long = SamplingParams(temperature=0, max_new_tokens=200, ignore_eos=True)
+    gate, first = threading.Event(), Collector()
+
+    def blocking(event):
+        gate.wait(30)
+        first(event)
+
+    held = [(Request(prompt_ids=[5, 6, 7], params=long, emit=blocking), first)]
+    scheduler.submit(held[0][0])
+    held += [submit(scheduler, [5, 6, 7], long) for _ in range(SLOTS)]  # one waits
+    timed = submit(scheduler, [3, 4], long, timeout_s=0.3)
+    time.sleep(0.6)
+    for request, _ in held:
+        request.cancel()
+    gate.set()
+    for _, collector in held:
+        assert collector.done.wait(30)
+        assert collector.reason()[-1] == "cancelled"
+    assert timed[1].done.wait(30) and timed[1].reason() == ["timeout"]
+    late = submit(scheduler, [3, 4], long, timeout_s=0.0)[1]
+    assert late.done.wait(30) and late.reason() == ["timeout"] and not late.tokens()
+    deadline = time.monotonic() + 30
+    while scheduler.busy_slots and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert scheduler.busy_slots == 0
+    ids = [11, 12, 13]
+    params = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
+    after = submit(scheduler, ids, params)[1]  # the freed slots serve a new request exactly
+    assert after.done.wait(30)
+    assert after.tokens() == llm.generate([ids], params)[0].token_ids
+
+
+def test_a_failing_listener_fails_alone(served):
+    scheduler, llm = served
+    params = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True)
+
+    def broken(event):
+        raise RuntimeError("listener bug")
+
+    scheduler.submit(Request(prompt_ids=[1, 2, 3], params=params, emit=broken))
+    fine = submit(scheduler, [4, 5, 6], params)[1]
+    assert fine.done.wait(30)
+    assert fine.tokens() == llm.generate([[4, 5, 6]], params)[0].token_ids
+    deadline = time.monotonic() + 30
+    while scheduler.busy_slots and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert scheduler.busy_slots == 0
+
+
+def test_bad_requests_are_refused_with_their_reason(served):
+    scheduler, _ = served
+    with pytest.raises(ConfigError, match="context of 256"):
+        scheduler.check(list(range(1, 200)), SamplingParams(max_new_tokens=100))
+    with pytest.raises(ConfigError, match="n=5"):
+        scheduler.check([1], SamplingParams(n=5))
+    with pytest.raises(ConfigError, match="logit_bias has token id 999"):
+        scheduler.submit(Request(prompt_ids=[1], params=SamplingParams(logit_bias={999: 1.0}),
+                                 emit=Collector()))
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        Scheduler(scheduler.llm, context=100, chunks=(16, 32))
+
+
+def test_a_full_queue_refuses(tiny_hf):
+    _, directory = tiny_hf("llama-gqa", 5)
+    scheduler = Scheduler(LLM.load(directory), max_slots=1, max_queue=2, context=CONTEXT)
+    params = SamplingParams(temperature=0, max_new_tokens=4)
+    for _ in range(2):  # not started: nothing leaves the queue
+        scheduler.submit(Request(prompt_ids=[1, 2], params=params, emit=Collector()))
+    with pytest.raises(QueueFull, match="2 requests are waiting"):
+        scheduler.submit(Request(prompt_ids=[1, 2], params=params, emit=Collector()))
