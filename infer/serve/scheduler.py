@@ -112,7 +112,8 @@ class Scheduler:
         self._queue: collections.deque[Request] = collections.deque()
         self._free = list(range(max_slots))
         self._choices: dict[int, _Choice] = {}
-        self._prefill: _Prefill | None = None
+        self._prefill: _Prefill | None = None    # the request whose prompt is being fed
+        self._inserting: _Prefill | None = None  # the request going into its slots
         self._cancel = np.zeros((max_slots,), bool)
         self._stopping = self._closed = False
         self._thread: threading.Thread | None = None
@@ -295,10 +296,9 @@ class Scheduler:
             self._row_cache, tokens, np.array([len(chunk)], np.int32), keep=p.done)
         p.done += len(chunk)
         if p.done == len(ids):
-            try:
-                self._insert_choices(p)
-            finally:
-                self._prefill = None
+            self._prefill, self._inserting = None, p
+            self._insert_choices(p)
+            self._inserting = None
 
     def _insert_choices(self, p: _Prefill) -> None:
         request, vocab = p.request, self.llm.config.vocab_size
@@ -383,12 +383,13 @@ class Scheduler:
     def _fail_all(self, error: Exception) -> None:
         """A failed program: every request in flight fails; the slots start again empty."""
         requests = {id(c.request): c.request for c in self._choices.values()}
-        if self._prefill is not None:
-            requests[id(self._prefill.request)] = self._prefill.request
+        for p in (self._prefill, self._inserting):
+            if p is not None:
+                requests[id(p.request)] = p.request
         for request in requests.values():
             self._emit(request, Event(index=-1, error=error))
         self._choices.clear()
-        self._prefill = None
+        self._prefill = self._inserting = None
         self._free = list(range(self.max_slots))
         self._cancel[:] = False
         self._state = self._empty_state()  # a failed call may have consumed the donated state
