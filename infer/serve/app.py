@@ -135,7 +135,14 @@ class _Server:
                 raise ApiError(400, f"{name} is not supported", "invalid_request_error", name)
         prompts = self._prompt_ids(body.prompt)
         params = self._params(body, body.max_tokens or 16, body.logprobs)
-        submitted = [self._submit(ids, params) for ids in prompts]
+        submitted = []
+        try:
+            for ids in prompts:
+                submitted.append(self._submit(ids, params))
+        except ApiError:  # the prompts queued before a refused one do not run
+            for listener in submitted:
+                listener.request.cancel()
+            raise
         id_, created = new_id("cmpl"), now()
 
         def shape(p: int, e: Event, offset: int) -> dict[str, Any]:

@@ -30,6 +30,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                         "default: the model's context, at most 2048)")
     p.add_argument("--steps-per-round", type=int, default=8,
                    help="decode steps per host round trip while nobody waits")
+    p.add_argument("--prefill-tokens", type=int, default=512,
+                   help="prompt tokens prefilled between two decode calls")
     p.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="a request running longer is stopped (408)")
     p.add_argument("--quantize", choices=("int8",), help="int8 weights")
@@ -59,7 +61,8 @@ def _serve(args: argparse.Namespace) -> int:
     llm = LLM.load(args.model, dtype=args.dtype, quantize=args.quantize, mesh=args.mesh,
                    verbose=args.verbose)
     scheduler = Scheduler(llm, max_slots=args.max_slots, max_queue=args.max_queue,
-                          context=args.context, steps_per_round=args.steps_per_round)
+                          context=args.context, steps_per_round=args.steps_per_round,
+                          prefill_tokens=args.prefill_tokens)
     if args.warmup:
         scheduler.warmup()
     print(f"flaxlm serve: {scheduler.num_compiled} programs compiled; sampling defaults "

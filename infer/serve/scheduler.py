@@ -2,11 +2,13 @@
 
 One thread owns the device state (`SlotState`, flaxlm.infer.serve.slots). Each
 round it (1) frees the slots of finished, cancelled or timed-out requests,
-(2) prefills one chunk of the oldest waiting request, and once its prompt is
-in, inserts it into its `n` reserved slots, (3) runs the decode program: one
-step while a request waits or is being prefilled, else up to `steps_per_round`
-steps in one call, and (4) hands every request the tokens it got, as text
-through its own `TextStream` (stop strings), via the request's `emit` callback.
+(2) prefills chunks of the oldest waiting requests, up to `prefill_tokens`
+prompt tokens (so streams keep flowing while a long prompt goes in), and
+inserts each request into its `n` reserved slots once its prompt is in,
+(3) runs the decode program: one step while a request waits or is being
+prefilled, else up to `steps_per_round` steps in one call, and (4) hands every
+request the tokens it got, as text through its own `TextStream` (stop
+strings), via the request's `emit` callback.
 
 Programs: `feed` per chunk size, `insert` and `decode` per top-logprobs width
 (0 or TOP_LOGPROBS), the slot state once: `warmup()` compiles them all, so no
@@ -35,6 +37,7 @@ log = logging.getLogger("flaxlm.serve")
 
 CHUNKS = (16, 64, 256)  # prefill chunk sizes: the smallest that holds the rest, else the largest
 STEPS_PER_ROUND = 8     # decode steps per host round trip when nobody waits
+PREFILL_TOKENS = 512    # prompt tokens (whole chunks, at least one) fed between decode calls
 
 
 class QueueFull(FlaxlmError):
@@ -92,9 +95,10 @@ class Scheduler:
 
     def __init__(self, llm, *, max_slots: int = 16, max_queue: int = 256,
                  context: int | None = None, steps_per_round: int = STEPS_PER_ROUND,
-                 chunks: tuple[int, ...] = CHUNKS):
+                 chunks: tuple[int, ...] = CHUNKS, prefill_tokens: int = PREFILL_TOKENS):
         for name, value in (("max_slots", max_slots), ("max_queue", max_queue),
-                            ("steps_per_round", steps_per_round)):
+                            ("steps_per_round", steps_per_round),
+                            ("prefill_tokens", prefill_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
         limit, big = llm.config.max_seq_len, max(chunks)
@@ -106,6 +110,7 @@ class Scheduler:
         self.chunks = tuple(sorted(chunks))
         self.llm, self.programs, self.tokenizer = llm, llm.programs, llm.tokenizer
         self.max_slots, self.max_queue, self.steps = max_slots, max_queue, steps_per_round
+        self.prefill_tokens = prefill_tokens
         self.cache_len = context
         self.context = min(context, limit)  # prompt + max_tokens of one request
         self._lock = threading.Condition()
@@ -240,9 +245,12 @@ class Scheduler:
     def _round(self) -> None:
         self._expire()
         self._release()
-        self._admit()
-        if self._prefill is not None:
-            self._feed_chunk()
+        budget = self.prefill_tokens  # prompt tokens fed between two decode calls
+        while budget > 0:
+            self._admit()
+            if self._prefill is None:
+                break
+            budget -= self._feed_chunk()
         if self._choices:
             waiting = self._prefill is not None or (self._queue and self._free)
             self._decode_round(1 if waiting else self.steps)
@@ -278,14 +286,15 @@ class Scheduler:
         slots, self._free = self._free[:request.params.n], self._free[request.params.n:]
         self._prefill = _Prefill(request=request, slots=slots)
 
-    def _feed_chunk(self) -> None:
+    def _feed_chunk(self) -> int:
+        """Feed the next chunk of the request being prefilled; the chunk's size."""
         p = self._prefill
         request = p.request
         if _ended(request, time.monotonic()):
             self._free += p.slots
             self._prefill = None
             self._fail(request, _ended(request, time.monotonic()))
-            return
+            return 0
         ids = request.prompt_ids
         rest = len(ids) - p.done
         size = next((c for c in self.chunks if c >= rest), self.chunks[-1])
@@ -299,6 +308,7 @@ class Scheduler:
             self._prefill, self._inserting = None, p
             self._insert_choices(p)
             self._inserting = None
+        return size
 
     def _insert_choices(self, p: _Prefill) -> None:
         request, vocab = p.request, self.llm.config.vocab_size

@@ -48,10 +48,11 @@ def submit(scheduler, ids, params, **kwargs):
 @pytest.fixture(scope="module", params=["llama-gqa", "mistral-window"])
 def served(request, tiny_hf):
     """(scheduler, reference LLM): the scheduler warmed up and running on its own LLM,
-    with prefill chunks of 16 and 32 so a 100-token prompt takes four."""
+    with prefill chunks of 16 and 32, one per round: a 100-token prompt takes four rounds,
+    with decode steps of the others between them."""
     _, directory = tiny_hf(request.param, 5)
     scheduler = Scheduler(LLM.load(directory), max_slots=SLOTS, context=CONTEXT,
-                          steps_per_round=4, chunks=(16, 32))
+                          steps_per_round=4, chunks=(16, 32), prefill_tokens=32)
     scheduler.warmup()
     scheduler.start()
     yield scheduler, LLM.load(directory)
