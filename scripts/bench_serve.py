@@ -68,8 +68,6 @@ def free_port() -> int:
 
 
 async def _one(client, url, model, prompt, max_tokens, extra):
-    import httpx  # noqa: F401
-
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "stream": True,
             "max_tokens": max_tokens, "temperature": 0, "stream_options": {"include_usage": True},
             **extra}

@@ -186,6 +186,9 @@ class _Server:
         self._check_model(body.model)
         if body.tools:
             raise ApiError(400, "tools are not supported", "invalid_request_error", "tools")
+        if body.response_format and body.response_format.get("type", "text") != "text":
+            raise ApiError(400, "only response_format {\"type\": \"text\"} is supported",
+                           "invalid_request_error", "response_format")
         try:
             messages = chat_messages(body.messages)
             ids = self.llm.chat_prompt_ids(messages)
@@ -197,7 +200,7 @@ class _Server:
         if max_tokens is None:
             max_tokens = max(1, self.scheduler.context - len(ids))
         want = (body.top_logprobs or 0) if body.logprobs else None
-        params = self._params(body, max_tokens, want, prompt_param="messages")
+        params = self._params(body, max_tokens, want)
         submitted = [self._submit(ids, params, prompt_param="messages")]
         id_, created = new_id("chatcmpl"), now()
 
@@ -224,7 +227,7 @@ class _Server:
 
     # ------------------------------------------------------------------ shared
 
-    def _params(self, body, max_tokens: int, logprobs, prompt_param: str = "prompt"):
+    def _params(self, body, max_tokens: int, logprobs):
         try:
             params = sampling_params(body, self.defaults, max_tokens=max_tokens,
                                      logprobs=logprobs)

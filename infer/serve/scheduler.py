@@ -35,7 +35,7 @@ from flaxlm.model.errors import ConfigError, FlaxlmError
 
 log = logging.getLogger("flaxlm.serve")
 
-CHUNKS = (16, 64, 256)  # prefill chunk sizes: the smallest that holds the rest, else the largest
+CHUNKS = (16, 32, 64, 128, 256)  # prefill chunks: the smallest that holds the rest, else the largest
 STEPS_PER_ROUND = 8     # decode steps per host round trip when nobody waits
 PREFILL_TOKENS = 512    # prompt tokens (whole chunks, at least one) fed between decode calls
 

@@ -1,8 +1,6 @@
 """`flaxlm serve` as a process (SIGTERM), bad flags, and the sampling defaults of serve and chat."""
 
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,20 +14,9 @@ from flaxlm.infer.defaults import LLAMA_CPP_DEFAULTS, sampling_defaults
 from flaxlm.infer.llm import LLM
 from flaxlm.infer.sampling import SamplingParams
 from flaxlm.model.cli import main
-from tests.serve.test_server import TEMPLATE, free_port
+from tests.serve.conftest import free_port
 
 FLAXLM = [sys.executable, "-c", "import sys; from flaxlm.model.cli import main; sys.exit(main())"]
-
-
-@pytest.fixture(scope="module")
-def tiny_chat(tiny_hf, tmp_path_factory):
-    _, source = tiny_hf("llama-gqa", 5)
-    directory = tmp_path_factory.mktemp("tiny-chat-cli") / "model"
-    shutil.copytree(source, directory)
-    config_path = directory / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config_path.write_text(json.dumps({**config, "chat_template": TEMPLATE}))
-    return directory
 
 
 def test_sigterm_finishes_the_stream_in_flight_and_exits_0(tiny_chat):

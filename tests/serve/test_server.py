@@ -6,10 +6,7 @@ a second `LLM` of the same directory.
 """
 
 import asyncio
-import json
 import re
-import shutil
-import socket
 import threading
 import time
 
@@ -24,17 +21,10 @@ from flaxlm.infer.llm import LLM
 from flaxlm.infer.sampling import SamplingParams
 from flaxlm.infer.serve.app import create_app
 from flaxlm.infer.serve.scheduler import Request, Scheduler
+from tests.serve.conftest import free_port
 
 KEY = "sekret"
 SLOTS = 4
-TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Served:
@@ -47,18 +37,6 @@ class Served:
     def metrics(self) -> dict[str, float]:
         text = httpx.get(f"{self.url}/metrics").text
         return {m[0]: float(m[1]) for m in re.findall(r"^(\S+) (\S+)$", text, re.M)}
-
-
-@pytest.fixture(scope="module")
-def tiny_chat(tiny_hf, tmp_path_factory):
-    """A tiny llama directory whose tokenizer has a chat template."""
-    _, source = tiny_hf("llama-gqa", 5)
-    directory = tmp_path_factory.mktemp("tiny-chat") / "model"
-    shutil.copytree(source, directory)
-    config_path = directory / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config_path.write_text(json.dumps({**config, "chat_template": TEMPLATE}))
-    return directory
 
 
 @pytest.fixture(scope="module")
