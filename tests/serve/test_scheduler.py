@@ -193,3 +193,27 @@ def test_a_full_queue_refuses(tiny_hf):
         scheduler.submit(Request(prompt_ids=[1, 2], params=params, emit=Collector()))
     with pytest.raises(QueueFull, match="2 requests are waiting"):
         scheduler.submit(Request(prompt_ids=[1, 2], params=params, emit=Collector()))
+
+
+def test_sharded_slots_equal_unsharded_llm(tiny_hf):
+    """`flaxlm serve --mesh`: the slot programs partitioned over data x fsdp x tensor (the 8
+    CPU devices) give each request the tokens of the unsharded LLM alone."""
+    _, directory = tiny_hf("llama-gqa", 5)
+    scheduler = Scheduler(LLM.load(directory, mesh="data=2,fsdp=2,tensor=2"), max_slots=SLOTS,
+                          context=CONTEXT, steps_per_round=4)
+    scheduler.warmup()
+    scheduler.start()
+    reference = LLM.load(directory)
+    rng = np.random.default_rng(3)
+    try:
+        runs = []
+        for i in range(5):
+            ids = rng.integers(1, 320, int(rng.integers(3, 70))).tolist()
+            params = SamplingParams(temperature=0.8 if i % 2 else 0, seed=i, max_new_tokens=20,
+                                    ignore_eos=True)
+            runs.append((ids, params, submit(scheduler, ids, params)[1]))
+        for ids, params, got in runs:
+            assert got.done.wait(120)
+            assert got.tokens() == reference.generate([ids], params)[0].token_ids
+    finally:
+        scheduler.stop(drain_s=0)
