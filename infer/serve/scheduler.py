@@ -10,9 +10,11 @@ prefilled, else up to `steps_per_round` steps in one call, and (4) hands every
 request the tokens it got, as text through its own `TextStream` (stop
 strings), via the request's `emit` callback.
 
-Programs: `feed` per chunk size, `insert` and `decode` per top-logprobs width
-(0 or TOP_LOGPROBS), the slot state once: `warmup()` compiles them all, so no
-request compiles anything whatever its settings.
+Programs: `feed` per chunk size, `insert` per top-logprobs width (0 or
+TOP_LOGPROBS), `decode` per width and number of rows computed (powers of two up
+to max_slots: the busy slots are kept low, so few requests cost few rows), the
+slot state once: `warmup()` compiles them all, so no request compiles anything
+whatever its settings.
 """
 
 from __future__ import annotations
@@ -111,6 +113,9 @@ class Scheduler:
         self.llm, self.programs, self.tokenizer = llm, llm.programs, llm.tokenizer
         self.max_slots, self.max_queue, self.steps = max_slots, max_queue, steps_per_round
         self.prefill_tokens = prefill_tokens
+        # decode computes the first `rows` slots: powers of two below max_slots, and all
+        self.row_buckets = tuple(1 << k for k in range(max_slots.bit_length())
+                                 if 1 << k < max_slots) + (max_slots,)
         self.cache_len = context
         self.context = min(context, limit)  # prompt + max_tokens of one request
         self._lock = threading.Condition()
@@ -199,8 +204,10 @@ class Scheduler:
             self._state, _ = self._insert(top_n)(self.programs.state, self._state, self._row_cache,
                                                  logits, np.zeros((1, vocab), bool), sampling,
                                                  np.int32(0), top_n=top_n)
-            self._state, chosen = self._decode(top_n)(self.programs.state, self._state, cancel,
-                                                      np.int32(1), steps=self.steps, top_n=top_n)
+            for rows in self.row_buckets:
+                self._state, chosen = self._decode(top_n)(
+                    self.programs.state, self._state, cancel, np.int32(1), steps=self.steps,
+                    top_n=top_n, rows=rows)
         jax.block_until_ready(chosen)
 
     # ------------------------------------------------------------------ the loop
@@ -220,7 +227,7 @@ class Scheduler:
 
     def _decode(self, top_n: int):
         return self._program(f"decode{top_n}", decode, donate_argnums=(1,),
-                             static_argnames=("steps", "top_n"))
+                             static_argnames=("steps", "top_n", "rows"))
 
     def _loop(self) -> None:
         while True:
@@ -335,8 +342,11 @@ class Scheduler:
         top_n = TOP_LOGPROBS if any(c.request.params.logprobs for c in self._choices.values()) \
             else 0
         cancel, self._cancel = self._cancel, np.zeros((self.max_slots,), bool)
+        highest = max(self._choices) + 1  # busy slots are the lowest free ones when taken
+        rows = next(r for r in self.row_buckets if r >= highest)
         self._state, chosen = self._decode(top_n)(self.programs.state, self._state, cancel,
-                                                  np.int32(limit), steps=self.steps, top_n=top_n)
+                                                  np.int32(limit), steps=self.steps,
+                                                  top_n=top_n, rows=rows)
         chosen = jax.device_get(chosen)
         for slot, choice in list(self._choices.items()):
             if not choice.finished:

@@ -13,7 +13,8 @@ A request's prompt is prefilled alone into a one-row cache of `C` slots with
 ends just before the batch's `end`, copies it over the slot's row (which drops
 whatever the slot held before), chooses the request's first token and writes
 its sampling arrays. `decode` runs up to `steps` decode steps in one
-`lax.while_loop` and returns what every slot chose at each step.
+`lax.while_loop` over the first `rows` slots and returns what each chose at
+each step.
 
 A slot's sampling step (the key of its random draw) and its `min_new_tokens`
 count are its own token count, so a request draws the same tokens alone or among
@@ -120,11 +121,26 @@ def insert(model: Decoder, state: SlotState, row_cache: KVCache, logits: jax.Arr
 
 
 def decode(model: Decoder, state: SlotState, cancel: jax.Array, limit: jax.Array, *,
-           steps: int, top_n: int) -> tuple[SlotState, Chosen]:
-    """Free the `cancel`led slots, then step every busy slot until all are done or `limit`
-    (<= steps) steps ran; the tokens chosen at each step."""
-    slots = state.done.shape[0]
+           steps: int, top_n: int, rows: int) -> tuple[SlotState, Chosen]:
+    """Free the `cancel`led slots, then step slots 0 .. rows-1 (every busy one) until all are
+    done or `limit` (<= steps) steps ran; the tokens chosen at each step ([rows, steps]).
+
+    With fewer busy slots than the batch, only a power-of-two prefix of rows is computed
+    (the scheduler fills the lowest free slots): one request does not pay for 16 slots'
+    matmuls and cache reads. The prefix is copied out and back once per call.
+    """
     state = state.replace(done=state.done | cancel)
+    if rows == state.done.shape[0]:
+        return _steps(model, state, limit, steps=steps, top_n=top_n)
+    part = jax.tree.map(lambda x: x[:rows] if x.ndim else x, state)  # `end` is shared
+    part, chosen = _steps(model, part, limit, steps=steps, top_n=top_n)
+    state = jax.tree.map(lambda x, p: x.at[:rows].set(p) if x.ndim else p, state, part)
+    return state, chosen
+
+
+def _steps(model: Decoder, state: SlotState, limit: jax.Array, *, steps: int, top_n: int
+           ) -> tuple[SlotState, Chosen]:
+    slots = state.done.shape[0]
     size = state.cache.max_len
     empty = Chosen(tokens=jnp.full((slots, steps), -1, jnp.int32),
                    logprobs=jnp.zeros((slots, steps), jnp.float32),

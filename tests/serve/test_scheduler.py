@@ -199,7 +199,7 @@ def test_sharded_slots_equal_unsharded_llm(tiny_hf):
     """`flaxlm serve --mesh`: the slot programs partitioned over data x fsdp x tensor (the 8
     CPU devices) give each request the tokens of the unsharded LLM alone."""
     _, directory = tiny_hf("llama-gqa", 5)
-    scheduler = Scheduler(LLM.load(directory, mesh="data=2,fsdp=2,tensor=2"), max_slots=SLOTS,
+    scheduler = Scheduler(LLM.load(directory, mesh="data=2,fsdp=2,tensor=2"), max_slots=2,
                           context=CONTEXT, steps_per_round=4)
     scheduler.warmup()
     scheduler.start()
@@ -207,7 +207,7 @@ def test_sharded_slots_equal_unsharded_llm(tiny_hf):
     rng = np.random.default_rng(3)
     try:
         runs = []
-        for i in range(5):
+        for i in range(4):
             ids = rng.integers(1, 320, int(rng.integers(3, 70))).tolist()
             params = SamplingParams(temperature=0.8 if i % 2 else 0, seed=i, max_new_tokens=20,
                                     ignore_eos=True)
