@@ -217,3 +217,35 @@ def test_sharded_slots_equal_unsharded_llm(tiny_hf):
             assert got.tokens() == reference.generate([ids], params)[0].token_ids
     finally:
         scheduler.stop(drain_s=0)
+
+
+def test_a_long_prompt_does_not_stall_the_streams(served):
+    """A 200-token prompt goes in 32 tokens per round (the fixture's budget), with a decode
+    step of the running request between its chunks; then it decodes like any other."""
+    scheduler, llm = served
+    order = []
+
+    class Logged(Collector):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def __call__(self, event):
+            order.extend([self.name] * len(event.token_ids))
+            super().__call__(event)
+
+    running, long = Logged("running"), Logged("long")
+    params = SamplingParams(temperature=0, max_new_tokens=200, ignore_eos=True)
+    scheduler.submit(Request(prompt_ids=[5, 6, 7], params=params, emit=running))
+    while not running.events:
+        time.sleep(0.001)
+    ids = np.random.default_rng(4).integers(1, 320, 200).tolist()
+    short = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True)
+    mark = len(order)
+    scheduler.submit(Request(prompt_ids=ids, params=short, emit=long))
+    assert long.done.wait(60) and running.done.wait(60)
+    first = order.index("long")
+    # chunks of 32 x 6 + 16: a decode step of the running request after each of the first 6
+    assert order[mark:first].count("running") >= 6
+    assert long.tokens() == llm.generate([ids], short)[0].token_ids
+    assert running.tokens() == llm.generate([[5, 6, 7]], params)[0].token_ids
