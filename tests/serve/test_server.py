@@ -119,6 +119,19 @@ def test_chat_and_completions_equal_llm(served):
     assert out.choices[0].text == ref.text and stop not in out.choices[0].text
     assert out.choices[0].finish_reason == "stop"
 
+    # n=2 streamed chat choices, each the LLM's
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, n=2,
+                                            seed=3, temperature=1.0, stream=True,
+                                            extra_body={"ignore_eos": True, "top_k": 0,
+                                                        "min_p": 0.0, "top_p": 1.0})
+    texts = {0: "", 1: ""}
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    ref = llm.chat(messages, SamplingParams(max_new_tokens=8, n=2, seed=3, temperature=1.0,
+                                            ignore_eos=True))
+    assert sorted(texts.values()) == sorted(o.text for o in ref.outputs)
+
     # chat logprobs
     chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5,
                                           temperature=0, logprobs=True, top_logprobs=2)
@@ -295,9 +308,19 @@ def test_full_queue_answers_429(served):
     assert served.client().completions.create(model="tiny", prompt="x", max_tokens=2).choices
 
 
-def test_nothing_compiled_after_warmup(served):
-    """Every request above, whatever its settings, ran on the programs of warm-up."""
-    assert served.metrics()["flaxlm_programs_compiled"] == served.compiled
+def test_metrics_after_the_run(served):
+    """Every request above, whatever its settings, ran on the programs of warm-up; the
+    counters and histograms saw them."""
+    m = served.metrics()
+    assert m["flaxlm_programs_compiled"] == served.compiled
+    assert m['flaxlm_requests_total{endpoint="/v1/completions",status="200"}'] >= 20
+    assert m['flaxlm_requests_total{endpoint="/v1/chat/completions",status="200"}'] >= 8
+    assert m['flaxlm_requests_total{endpoint="/v1/completions",status="400"}'] >= 4
+    assert m["flaxlm_time_to_first_token_seconds_count"] >= 30
+    assert m["flaxlm_time_per_output_token_seconds_count"] >= 30
+    assert m["flaxlm_generation_tokens_total"] >= m["flaxlm_time_to_first_token_seconds_count"]
+    assert m["flaxlm_prompt_tokens_total"] > 0 and m["flaxlm_max_slots"] == SLOTS
+    assert m["flaxlm_queue_depth"] == 0 and m["flaxlm_busy_slots"] == 0
 
 
 def test_embeddings(served):
