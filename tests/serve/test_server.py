@@ -28,8 +28,9 @@ SLOTS = 4
 
 
 class Served:
-    def __init__(self, url, scheduler, reference, compiled):
-        self.url, self.scheduler, self.reference, self.compiled = url, scheduler, reference, compiled
+    def __init__(self, url, app, scheduler, reference, compiled):
+        self.url, self.app, self.scheduler = url, app, scheduler
+        self.reference, self.compiled = reference, compiled
 
     def client(self, **kwargs):
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=KEY, max_retries=0, **kwargs)
@@ -56,7 +57,7 @@ def served(tiny_chat):
     deadline = time.monotonic() + 30
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.02)
-    yield Served(f"http://127.0.0.1:{port}", scheduler, LLM.load(tiny_chat), compiled)
+    yield Served(f"http://127.0.0.1:{port}", app, scheduler, LLM.load(tiny_chat), compiled)
     server.should_exit = True
     thread.join(timeout=60)
 
@@ -305,6 +306,18 @@ def test_full_queue_answers_429(served):
     gate.set()
     assert _wait_for(lambda: served.scheduler.queue_depth == 0 and
                      served.metrics()["flaxlm_busy_slots"] == 0)
+    assert served.client().completions.create(model="tiny", prompt="x", max_tokens=2).choices
+
+
+def test_a_request_past_its_timeout_answers_408(served):
+    server = served.app.state.server
+    server.timeout_s = 0.0
+    try:
+        with pytest.raises(openai.APIStatusError) as e:
+            served.client().completions.create(model="tiny", prompt="x", max_tokens=5)
+    finally:
+        server.timeout_s = 60
+    assert e.value.status_code == 408 and e.value.body["code"] == "timeout"
     assert served.client().completions.create(model="tiny", prompt="x", max_tokens=2).choices
 
 
