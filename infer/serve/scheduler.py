@@ -129,7 +129,6 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._state = self._empty_state()
         self._row_cache = self.programs.empty_cache(1, self.cache_len)
-        self.tokens_generated = 0
 
     # ------------------------------------------------------------------ public
 
@@ -234,7 +233,6 @@ class Scheduler:
             with self._lock:
                 while not self._has_work() and not self._closed:
                     self._lock.wait(timeout=0.05)
-                    self._expire()
                 if self._closed and not self._choices and self._prefill is None:
                     for request in self._queue:
                         self._fail(request, "cancelled")
@@ -242,7 +240,7 @@ class Scheduler:
                     return
             try:
                 self._round()
-            except Exception as error:  # noqa: BLE001 - one request's fault stays its own
+            except Exception as error:  # noqa: BLE001 - the server goes on
                 log.exception("scheduler round failed")
                 self._fail_all(error)
 
@@ -382,7 +380,6 @@ class Scheduler:
                 event.top_logprobs.append(
                     {int(t): float(lp) for t, lp in zip(chosen.top_ids[row, k, :want],
                                                         chosen.top_logprobs[row, k, :want])})
-        self.tokens_generated += len(event.token_ids)
         if choice.stream.stopped or bool(chosen.done[row]):
             reason = "stop" if choice.stream.stopped or bool(chosen.stopped[row]) else "length"
             event.text += choice.stream.finish(reason)
