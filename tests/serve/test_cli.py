@@ -23,7 +23,7 @@ def test_sigterm_finishes_the_stream_in_flight_and_exits_0(tiny_chat):
     port = free_port()
     process = subprocess.Popen(
         FLAXLM + ["serve", str(tiny_chat), "--port", str(port), "--context", "256",
-                  "--max-slots", "2"], stderr=subprocess.PIPE, text=True)
+                  "--max-slots", "1", "--no-warmup"], stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120

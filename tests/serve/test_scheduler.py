@@ -45,41 +45,49 @@ def submit(scheduler, ids, params, **kwargs):
     return request, collector
 
 
-@pytest.fixture(scope="module", params=["llama-gqa", "mistral-window"])
-def served(request, tiny_hf):
-    """(scheduler, reference LLM): the scheduler warmed up and running on its own LLM,
-    with prefill chunks of 16 and 32, one per round: a 100-token prompt takes four rounds,
-    with decode steps of the others between them."""
-    _, directory = tiny_hf(request.param, 5)
-    scheduler = Scheduler(LLM.load(directory), max_slots=SLOTS, context=CONTEXT,
-                          steps_per_round=4, chunks=(16, 32), prefill_tokens=32)
+def _serve(directory, **kwargs):
+    """A scheduler warmed up and running on its own LLM of `directory`, with prefill chunks of
+    16 and 32, one per round: a 100-token prompt takes four rounds, with decode steps of the
+    others between them."""
+    settings = dict(max_slots=SLOTS, context=CONTEXT, steps_per_round=4, chunks=(16, 32),
+                    prefill_tokens=32)
+    scheduler = Scheduler(LLM.load(directory), **{**settings, **kwargs})
     scheduler.warmup()
     scheduler.start()
+    return scheduler
+
+
+@pytest.fixture(scope="module")
+def served(tiny_hf):
+    """(scheduler, reference LLM) of a tiny llama."""
+    _, directory = tiny_hf("llama-gqa", 5)
+    scheduler = _serve(directory)
     yield scheduler, LLM.load(directory)
     scheduler.stop(drain_s=0)
 
 
 def _mixed(llm, vocab):
     """Prompts and settings: greedy and seeded sampling with every filter and penalty, n=2,
-    logprobs, stop strings, stop tokens, min_tokens; prompts from 3 to 100 tokens."""
+    logprobs, stop strings, stop tokens, min_tokens; prompts from 3 to 100 tokens (two
+    prompt buckets and one new-token bucket, so the references compile little)."""
     rng = np.random.default_rng(0)
     free = llm.generate("The quick brown fox", SamplingParams(temperature=0, max_new_tokens=16,
                                                                 ignore_eos=True))[0]
     settings = [
-        SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True),
-        SamplingParams(temperature=0.9, top_k=20, max_new_tokens=17, seed=3, ignore_eos=True,
+        SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True),
+        SamplingParams(temperature=0.9, top_k=20, max_new_tokens=15, seed=3, ignore_eos=True,
                        repetition_penalty=1.2),
-        SamplingParams(temperature=0.7, top_p=0.9, min_p=0.05, max_new_tokens=30, seed=5,
+        SamplingParams(temperature=0.7, top_p=0.9, min_p=0.05, max_new_tokens=16, seed=5,
                        presence_penalty=0.5, frequency_penalty=0.3, logit_bias={7: 5.0}),
-        SamplingParams(temperature=0, max_new_tokens=25, logprobs=3, ignore_eos=True),
+        SamplingParams(temperature=0, max_new_tokens=16, logprobs=3, ignore_eos=True),
         SamplingParams(temperature=1.0, max_new_tokens=12, seed=9, n=2, ignore_eos=True),
-        SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True, stop=[free.text[6:9]]),
-        SamplingParams(temperature=0, max_new_tokens=30, stop_token_ids=(free.token_ids[5],),
+        SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True, stop=[free.text[6:9]]),
+        SamplingParams(temperature=0, max_new_tokens=16, stop_token_ids=(free.token_ids[5],),
                        min_new_tokens=2),
     ]
     out = []
     for i in range(14):
-        length = 100 if i % 5 == 2 else int(rng.integers(3, 60))
+        length = 100 if i % 5 == 2 else int(rng.integers(3, 16))
         ids = rng.integers(1, vocab, length).tolist()
         if i % 7 == 5:
             ids = llm.tokenizer.encode("The quick brown fox")
@@ -87,14 +95,11 @@ def _mixed(llm, vocab):
     return out
 
 
-def test_each_request_among_others_equals_it_alone(served):
-    """14 requests on 4 slots, arriving while others decode (queueing, chunked prefill, slots
-    reused, the ring cache wrapping): tokens, text, finish reason and logprobs are those of
-    LLM.generate of the request alone, and nothing compiles after warm-up."""
-    scheduler, llm = served
+def _check_mixed(scheduler, llm, requests):
+    """Submit `requests` 20 ms apart; each equals LLM.generate of it alone."""
     compiled = scheduler.num_compiled
     submitted = []
-    for ids, params in _mixed(llm, llm.config.vocab_size):
+    for ids, params in requests:
         submitted.append((ids, params, submit(scheduler, ids, params)[1]))
         time.sleep(0.02)
     for ids, params, got in submitted:
@@ -113,10 +118,42 @@ def test_each_request_among_others_equals_it_alone(served):
                 assert [list(t) for t in top] == [list(t) for t in ref.top_logprobs]
         if params.n > 1:
             assert sorted(got.tokens(k) for k in range(2)) == sorted(r.token_ids for r in reference)
-    reasons = {r for _, _, got in submitted for r in got.reason()}
-    assert reasons == {"stop", "length"}
     assert scheduler.num_compiled == compiled
+    deadline = time.monotonic() + 30
+    while scheduler.busy_slots and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert scheduler.busy_slots == 0 and scheduler.queue_depth == 0
+    return {r for _, _, got in submitted for r in got.reason()}
+
+
+def _fill(scheduler, tokens):
+    """Run one request of `tokens` steps alone: the ring's write slot moves that far on."""
+    got = submit(scheduler, [1, 2, 3], SamplingParams(temperature=0, max_new_tokens=tokens,
+                                                      ignore_eos=True))[1]
+    assert got.done.wait(60) and len(got.tokens()) == tokens
+
+
+def test_each_request_among_others_equals_it_alone(served):
+    """14 requests on 4 slots, arriving while others decode (queueing, chunked prefill, slots
+    reused, the ring cache wrapping round during them): tokens, text, finish reason and
+    logprobs are those of LLM.generate of the request alone, and nothing compiles after
+    warm-up."""
+    scheduler, llm = served
+    _fill(scheduler, 200)
+    reasons = _check_mixed(scheduler, llm, _mixed(llm, llm.config.vocab_size))
+    assert reasons == {"stop", "length"}
+
+
+def test_sliding_window_model_among_others(tiny_hf):
+    """Sliding-window layers read the ring cache by position as well."""
+    _, directory = tiny_hf("mistral-window", 5)
+    scheduler = _serve(directory)
+    llm = LLM.load(directory)
+    try:
+        _fill(scheduler, 200)
+        _check_mixed(scheduler, llm, _mixed(llm, llm.config.vocab_size)[:8])
+    finally:
+        scheduler.stop(drain_s=0)
 
 
 def test_cancel_and_timeout_free_their_slots(served):
@@ -200,7 +237,7 @@ def test_sharded_slots_equal_unsharded_llm(tiny_hf):
     CPU devices) give each request the tokens of the unsharded LLM alone."""
     _, directory = tiny_hf("llama-gqa", 5)
     scheduler = Scheduler(LLM.load(directory, mesh="data=2,fsdp=2,tensor=2"), max_slots=2,
-                          context=CONTEXT, steps_per_round=4)
+                          context=CONTEXT, steps_per_round=4, chunks=(8, 32))
     scheduler.warmup()
     scheduler.start()
     reference = LLM.load(directory)
@@ -208,8 +245,8 @@ def test_sharded_slots_equal_unsharded_llm(tiny_hf):
     try:
         runs = []
         for i in range(4):
-            ids = rng.integers(1, 320, int(rng.integers(3, 70))).tolist()
-            params = SamplingParams(temperature=0.8 if i % 2 else 0, seed=i, max_new_tokens=20,
+            ids = rng.integers(1, 320, int(rng.integers(3, 16))).tolist()
+            params = SamplingParams(temperature=0.8 if i % 2 else 0, seed=i, max_new_tokens=16,
                                     ignore_eos=True)
             runs.append((ids, params, submit(scheduler, ids, params)[1]))
         for ids, params, got in runs:
