@@ -157,13 +157,19 @@ generate_command = Command("generate text from a prompt", _generate_arguments, _
 # ---------------------------------------------------------------- chat
 
 def _chat_arguments(p: argparse.ArgumentParser) -> None:
+    from flaxlm.infer.defaults import DEFAULTS_HELP
+
+    p.description = f"Chat with a model, streaming its answers. {DEFAULTS_HELP}."
     p.add_argument("--system", help="a system message")
     p.add_argument("--prompt", help="answer this one message and exit (no interactive loop)")
     _add_common(p)
 
 
 def _chat(args: argparse.Namespace) -> None:
-    params = sampling_params(args, max_new_tokens=256)
+    from flaxlm.infer.defaults import sampling_defaults
+
+    defaults, _ = sampling_defaults(args.model)  # generation_config.json, else llama.cpp's
+    params = sampling_params(args, max_new_tokens=256, **defaults)
     llm = _load(args)
     conversation = llm.conversation(params, system=args.system)
     questions = [args.prompt] if args.prompt is not None else _read_turns()

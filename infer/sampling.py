@@ -377,16 +377,21 @@ def _argmax(x):
 
 
 def _draw(logits, keys, step):
-    """jax.random.categorical (Gumbel-max) per row, keyed by fold_in(row key, step); i32[B]."""
+    """jax.random.categorical (Gumbel-max) per row, keyed by fold_in(row key, step); i32[B].
 
-    def gumbel(key):  # f32[V]
-        return jax.random.gumbel(jax.random.fold_in(key, step), logits.shape[-1:])
+    `step` is one step for every row ([]) or each row's own ([B]: the server's slots,
+    whose requests started at different times)."""
 
-    return _argmax(logits + jax.vmap(gumbel)(keys))
+    def gumbel(key, row_step):  # f32[V]
+        return jax.random.gumbel(jax.random.fold_in(key, row_step), logits.shape[-1:])
+
+    steps = jnp.broadcast_to(step, keys.shape[:1])
+    return _argmax(logits + jax.vmap(gumbel)(keys, steps))
 
 
 def sample(logits, arrays: SamplingArrays, step):
-    """Argmax for greedy rows, else a categorical draw keyed by fold_in(row key, step); i32[B].
+    """Argmax for greedy rows, else a categorical draw keyed by fold_in(row key, step) (step
+    [] or [B]); i32[B].
 
     An all-greedy batch draws no random numbers.
     """
