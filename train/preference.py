@@ -34,7 +34,7 @@ import numpy as np
 from flaxlm.model.sources import DataError
 from flaxlm.model.tokenizer import Tokenizer
 from flaxlm.train.data import Batch
-from flaxlm.train.sft import Chat, encode_chat
+from flaxlm.train.sft import Chat, encode_chat, read_records
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,29 +52,11 @@ class Pair:
 
 def read_pairs(files: Sequence[Path]) -> list[Pair]:
     """Every record of the JSONL `files`, checked; errors name the file and line."""
-    pairs: list[Pair] = []
-    for path in files:
-        count = len(pairs)
-        try:
-            lines = Path(path).read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"{path}: cannot read ({e})") from e
-        for number, line in enumerate(lines, 1):
-            if line.strip():
-                pairs.append(_pair(line, f"{path}:{number}"))
-        if len(pairs) == count:
-            raise DataError(f"{path}: empty, no records")
-    return pairs
+    return [_pair(record, where) for record, where in
+            read_records(files, "'prompt' (or 'messages'), 'chosen' and 'rejected'")]
 
 
-def _pair(line: str, where: str) -> Pair:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e})") from e
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object with 'prompt' (or 'messages'), "
-                        "'chosen' and 'rejected'")
+def _pair(record: dict, where: str) -> Pair:
     chosen, rejected = record.get("chosen"), record.get("rejected")
     if not (isinstance(chosen, str) and isinstance(rejected, str)):
         raise DataError(f"{where}: 'chosen' and 'rejected' must be strings; the record has "

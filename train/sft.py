@@ -55,31 +55,40 @@ class Chat:
 
 # ---------------------------------------------------------------- reading
 
-def read_chats(files: Sequence[Path]) -> list[Chat]:
-    """Every record of the JSONL `files`, checked; errors name the file and line."""
-    chats: list[Chat] = []
+def read_records(files: Sequence[Path], expected: str) -> list[tuple[dict, str]]:
+    """(record, "file:line") of every non-blank line of the JSONL `files`; a line that is
+    not a JSON object, an unreadable or empty file is named (`expected`: what an object
+    holds, for the message)."""
+    records: list[tuple[dict, str]] = []
     for path in files:
-        count = len(chats)
+        count = len(records)
         try:
             lines = Path(path).read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(f"{path}: cannot read ({e})") from e
         for number, line in enumerate(lines, 1):
-            if line.strip():
-                chats.append(_chat(line, f"{path}:{number}"))
-        if len(chats) == count:
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e})") from e
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected a JSON object with {expected}")
+            records.append((record, where))
+        if len(records) == count:
             raise DataError(f"{path}: empty, no records")
-    return chats
+    return records
 
 
-def _chat(line: str, where: str) -> Chat:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e})") from e
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object with 'messages' or "
-                        "'prompt' and 'completion'")
+def read_chats(files: Sequence[Path]) -> list[Chat]:
+    """Every record of the JSONL `files`, checked; errors name the file and line."""
+    return [_chat(record, where) for record, where in
+            read_records(files, "'messages' or 'prompt' and 'completion'")]
+
+
+def _chat(record: dict, where: str) -> Chat:
     if "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
