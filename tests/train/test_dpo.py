@@ -6,8 +6,6 @@ bitwise equal to a straight run, and the run's metrics."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 import jax
 import numpy as np
@@ -20,10 +18,11 @@ from flaxlm.model import load
 from flaxlm.train import dpo
 from flaxlm.train import finetune as ft_lib
 from flaxlm.train.data import Batch
-from flaxlm.train.metrics import MetricsLog, read_metrics
+from flaxlm.train.metrics import read_metrics
 from flaxlm.train.recipe import Recipe
 
 from tests.hf_models import make_hf_model
+from tests.train.resume import assert_same_state, stop_then_resume
 from tests.train.test_finetune import WORDS, save_chat_tokenizer
 
 BETA, SMOOTHING = 0.5, 0.1
@@ -217,13 +216,6 @@ def dpo_recipe(base_dir, pairs_file, steps: int = 4, **finetune) -> Recipe:
     }, source="test recipe")
 
 
-def _final_state(run_dir):
-    run, _ = ft_lib.prepare_finetune(ft_lib.read_run_file(run_dir)[0], run_dir)
-    run.train_iterator.close()
-    run.checkpoints.close()
-    return run.state
-
-
 def test_dpo_resume_after_sigterm_is_bitwise_equal(tmp_path, base_dir, pairs_file, monkeypatch,
                                                    capsys):
     """LoRA with dropout (the step RNG matters): SIGTERM during step 1's logging saves and
@@ -240,23 +232,11 @@ def test_dpo_resume_after_sigterm_is_bitwise_equal(tmp_path, base_dir, pairs_fil
     assert abs(records[-1]["margin"]) > 1e-3
     assert {"eval_accuracy", "eval_margin", "eval_logp_accuracy"} <= records[1].keys()
     assert records[1]["eval_ppl"] is None
-    write = MetricsLog.write
-
-    def write_then_signal(self, record):
-        write(self, record)
-        if record["step"] == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(MetricsLog, "write", write_then_signal)
-    stopped = ft_lib.finetune(recipe, tmp_path / "resumed")
+    stopped, resumed = stop_then_resume(recipe, tmp_path / "resumed", monkeypatch, 1)
     assert stopped.stopped_by == "SIGTERM" and stopped.last_checkpoint == stopped.step == 1
-    monkeypatch.setattr(MetricsLog, "write", write)
-    resumed = ft_lib.finetune(recipe, tmp_path / "resumed")
     assert resumed.resumed_from == 1 and resumed.step == 4
     assert resumed.data_state == straight.data_state
-    a, b = _final_state(tmp_path / "straight"), _final_state(tmp_path / "resumed")
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        assert np.array_equal(np.asarray(x), np.asarray(y))
+    assert_same_state(tmp_path / "straight", tmp_path / "resumed")
     with pytest.raises(Exception, match="cannot resume: finetune.dpo_beta was 0.5"):
         ft_lib.prepare_finetune(dpo_recipe(base_dir, pairs_file, lora_dropout=0.2,
                                            dpo_beta=0.2), tmp_path / "resumed")

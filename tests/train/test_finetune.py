@@ -5,8 +5,6 @@ after SIGTERM is bitwise equal to a straight run, export to PEFT / merged HF, ba
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 import jax
 import jax.numpy as jnp
@@ -21,13 +19,14 @@ from flaxlm.model.sharding import make_mesh
 from flaxlm.train import finetune as ft_lib
 from flaxlm.train import loop as loop_lib
 from flaxlm.train.data import Batch
-from flaxlm.train.metrics import MetricsLog, read_metrics
+from flaxlm.train.metrics import read_metrics
 from flaxlm.train.optim import optimizer
 from flaxlm.train.recipe import OptimizerConfig, Recipe
 from flaxlm.train.step import TrainState, compile_steps, put_batch
 
 from tests.hf_models import hf_logits, jitted, make_hf_model
 from tests.train.conftest import to_toml
+from tests.train.resume import assert_same_state, stop_then_resume
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
           "message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
@@ -234,15 +233,6 @@ def test_only_the_trainable_part_changes(tmp_path, base_dir, chats, method, sett
 
 # ---------------------------------------------------------------- resume
 
-def _final_state(run_dir):
-    """The TrainState of a run's latest checkpoint (trainable params, optimizer, RNG), as
-    a prepared run restores it."""
-    run, _ = ft_lib.prepare_finetune(ft_lib.read_run_file(run_dir)[0], run_dir)
-    run.train_iterator.close()
-    run.checkpoints.close()
-    return run.state
-
-
 def test_resume_after_sigterm_is_bitwise_equal(tmp_path, base_dir, chats, monkeypatch):
     """LoRA with dropout (so the step RNG matters): SIGTERM during step 2's logging saves
     and stops; the same command resumes; the end state equals a straight run's bit for bit."""
@@ -250,24 +240,12 @@ def test_resume_after_sigterm_is_bitwise_equal(tmp_path, base_dir, chats, monkey
     recipe = Recipe.from_dict({**recipe.to_dict(), "train": {**recipe.to_dict()["train"],
                                                               "steps": 5}}, source="r")
     straight = ft_lib.finetune(recipe, tmp_path / "straight")
-    write = MetricsLog.write
-
-    def write_then_signal(self, record):
-        write(self, record)
-        if record["step"] == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(MetricsLog, "write", write_then_signal)
-    stopped = ft_lib.finetune(recipe, tmp_path / "resumed")
+    stopped, resumed = stop_then_resume(recipe, tmp_path / "resumed", monkeypatch, 2)
     assert stopped.stopped_by == "SIGTERM" and stopped.last_checkpoint == stopped.step < 5
-    monkeypatch.setattr(MetricsLog, "write", write)
-    resumed = ft_lib.finetune(recipe, tmp_path / "resumed")
     assert resumed.resumed_from == stopped.step and resumed.step == 5
     assert resumed.data_state == straight.data_state
-    a, b = _final_state(tmp_path / "straight"), _final_state(tmp_path / "resumed")
+    a, b = assert_same_state(tmp_path / "straight", tmp_path / "resumed")
     assert int(a.step) == int(b.step) == 5
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        assert np.array_equal(np.asarray(x), np.asarray(y))
     no_dropout = recipe_for(base_dir, chats)
     with pytest.raises(Exception, match="cannot resume: finetune.lora_dropout was 0.2"):
         ft_lib.prepare_finetune(no_dropout, tmp_path / "resumed")

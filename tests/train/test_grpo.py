@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +18,10 @@ from flax import nnx
 from flaxlm.model import load
 from flaxlm.train import finetune as ft_lib
 from flaxlm.train.grpo import RewardError, clipped_objective, group_advantages
-from flaxlm.train.metrics import MetricsLog, read_metrics
+from flaxlm.train.metrics import read_metrics
 from flaxlm.train.recipe import Recipe
 
+from tests.train.resume import assert_same_state, stop_then_resume
 from tests.train.test_dpo import base_dir  # noqa: F401 (fixture)
 from tests.train.test_finetune import WORDS
 
@@ -126,34 +125,15 @@ def test_a_short_run_raises_the_reward(tmp_path, base_dir, prompts_file):  # noq
     assert records[-1]["eval_ref_reward"] is not None  # the same for the starting model
 
 
-def _final_state(run_dir):
-    run, _ = ft_lib.prepare_finetune(ft_lib.read_run_file(run_dir)[0], run_dir)
-    run.train_iterator.close()
-    run.checkpoints.close()
-    return run.state
-
-
 def test_grpo_resume_after_sigterm_is_bitwise_equal(tmp_path, base_dir, prompts_file,  # noqa: F811
                                                     monkeypatch):
     recipe = grpo_recipe(base_dir, prompts_file, 4)
     straight = ft_lib.finetune(recipe, tmp_path / "straight")
-    write = MetricsLog.write
-
-    def write_then_signal(self, record):
-        write(self, record)
-        if record["step"] == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(MetricsLog, "write", write_then_signal)
-    stopped = ft_lib.finetune(recipe, tmp_path / "resumed")
+    stopped, resumed = stop_then_resume(recipe, tmp_path / "resumed", monkeypatch, 1)
     assert stopped.stopped_by == "SIGTERM" and stopped.last_checkpoint == stopped.step == 1
-    monkeypatch.setattr(MetricsLog, "write", write)
-    resumed = ft_lib.finetune(recipe, tmp_path / "resumed")
     assert resumed.resumed_from == 1 and resumed.step == 4
     assert resumed.data_state == straight.data_state
-    a, b = _final_state(tmp_path / "straight"), _final_state(tmp_path / "resumed")
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        assert np.array_equal(np.asarray(x), np.asarray(y))
+    assert_same_state(tmp_path / "straight", tmp_path / "resumed")
 
 
 def test_a_raising_reward_names_function_and_sample(tmp_path, base_dir,  # noqa: F811
