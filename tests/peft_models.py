@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import peft
 import torch
 
 from flaxlm.model import load
+from flaxlm.model.lora import adapters
 from tests.hf_models import hf_logits, make_hf_model
 
 SEQ = 40
+
+
+def randomize_adapters(model, seed: int = 0) -> None:
+    """Every adapter matrix random (B is zero after apply_lora)."""
+    key = jax.random.key(seed)
+    for lora in adapters(model).values():
+        key, ka, kb = jax.random.split(key, 3)
+        lora.a[...] = 0.2 * jax.random.normal(ka, lora.a.shape)
+        lora.b[...] = 0.2 * jax.random.normal(kb, lora.b.shape)
 
 
 def ids(batch: int, seq: int, vocab: int, seed: int = 0) -> np.ndarray:

@@ -14,7 +14,8 @@ from flaxlm.model.lora import (DEFAULT_TARGETS, LoraConfig, LoraParam, adapters,
 from flaxlm.model.peft_io import load_adapter
 from flaxlm.model.prompt_tuning import PromptTuning, apply_prompt_tuning, prompt_filter
 from tests.hf_models import jitted
-from tests.peft_models import SEQ, ids, load_base, peft_logits, peft_lora, save_base
+from tests.peft_models import (SEQ, ids, load_base, peft_logits, peft_lora, randomize_adapters,
+                                 save_base)
 
 FORWARD_ATOL = 1e-5  # LoRA on top of the same base: flaxlm vs PEFT + transformers, float32
 # Merged vs unmerged: W + A @ B * s is rounded once to float32. With the deliberately large
@@ -37,15 +38,6 @@ def _jit_grad(loss, wrt):
     """The gradient of loss(model) with respect to the `wrt` variables, compiled (eager
     NNX calls are slow on a loaded 2-core machine)."""
     return nnx.jit(lambda m: nnx.grad(loss, argnums=nnx.DiffState(0, wrt))(m))
-
-
-def _randomize(model, seed=0):
-    """Every adapter matrix random (B is zero after apply_lora)."""
-    key = jax.random.key(seed)
-    for lora in adapters(model).values():
-        key, ka, kb = jax.random.split(key, 3)
-        lora.a[...] = 0.2 * jax.random.normal(ka, lora.a.shape)
-        lora.b[...] = 0.2 * jax.random.normal(kb, lora.b.shape)
 
 
 @pytest.mark.parametrize("name,settings", [
@@ -88,7 +80,7 @@ def test_merge_equals_unmerged_and_leaves_no_trace(base_dirs):
     fresh = load_base(base_dirs["qwen2-bias"])
     tokens = ids(2, SEQ, model.config.vocab_size)
     apply_lora(model, LoraConfig(rank=4, alpha=16, rslora=True), nnx.Rngs(0))
-    _randomize(model)
+    randomize_adapters(model)
     unmerged = jitted(model)(tokens)
     merged_paths = merge_lora(model)
     assert len(merged_paths) == 14 and not adapters(model)
@@ -125,7 +117,7 @@ def test_dropout_only_in_training_mode(base_dirs):
     model = load_base(base_dirs["llama-gqa"])
     tokens = jnp.asarray(ids(1, 16, model.config.vocab_size))
     apply_lora(model, LoraConfig(rank=4, alpha=8, dropout=0.5), nnx.Rngs(params=0, dropout=1))
-    _randomize(model)
+    randomize_adapters(model)
     plain = load_base(base_dirs["llama-gqa"])
     apply_lora(plain, LoraConfig(rank=4, alpha=8), nnx.Rngs(0))
     for path, lora in adapters(plain).items():
@@ -155,7 +147,7 @@ def test_int8_base_with_float_adapters(base_dirs):
     before = jitted(int8_model)(tokens)
     for m in (int8_model, rounded):
         apply_lora(m, LoraConfig(rank=4, alpha=8), nnx.Rngs(0))
-        _randomize(m)
+        randomize_adapters(m)
     lora = adapters(int8_model)["layers.0.attn.o_proj"]
     assert lora.a.dtype == jnp.float32 and lora.a.shape == (4, 16, 4)  # [heads, head_dim, r]
     assert int8_model.layers[0].attn.o_proj.kernel.dtype == jnp.int8

@@ -3,7 +3,6 @@ logits, PEFT-made ones load in flaxlm, mismatches and unsupported features are n
 
 import json
 
-import jax
 import numpy as np
 import peft
 import pytest
@@ -15,7 +14,8 @@ from flaxlm.model.lora import LoraConfig, adapters, apply_lora
 from flaxlm.model.peft_io import load_adapter, save_adapter
 from flaxlm.model.prompt_tuning import PromptTuning, apply_prompt_tuning
 from tests.hf_models import jitted, make_hf_model, save_tokenizer
-from tests.peft_models import SEQ, ids, load_base, peft_logits, peft_lora, peft_prompt, save_base
+from tests.peft_models import (SEQ, ids, load_base, peft_logits, peft_lora, peft_prompt,
+                                 randomize_adapters, save_base)
 
 EXPORT_ATOL = 1e-4  # the bound for flaxlm -> PEFT round trips
 PEFT_ATOL = 1e-5    # PEFT-made adapters in flaxlm (the forward parity bound)
@@ -33,14 +33,6 @@ def _hf_peft(directory, adapter_dir):
     return peft.PeftModel.from_pretrained(make_hf_model("llama-gqa"), adapter_dir).eval()
 
 
-def _randomize(model, seed=0):
-    key = jax.random.key(seed)
-    for lora in adapters(model).values():
-        key, ka, kb = jax.random.split(key, 3)
-        lora.a[...] = 0.2 * jax.random.normal(ka, lora.a.shape)
-        lora.b[...] = 0.2 * jax.random.normal(kb, lora.b.shape)
-
-
 @pytest.mark.parametrize("targets,rslora", [
     (("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), False),
     ((r"layers\.1\.attn\.(q|v)_proj", "down_proj"), True),  # a subset: a regex in the config
@@ -48,7 +40,7 @@ def _randomize(model, seed=0):
 def test_export_loads_in_peft_with_equal_logits(tmp_path, llama_dir, targets, rslora):
     model = load_base(llama_dir)
     apply_lora(model, LoraConfig(rank=4, alpha=6, rslora=rslora, targets=targets), nnx.Rngs(0))
-    _randomize(model)
+    randomize_adapters(model)
     save_adapter(model, tmp_path, base_model_name_or_path=str(llama_dir))
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert (config["peft_type"], config["task_type"], config["r"], config["lora_alpha"],
@@ -191,7 +183,7 @@ def test_save_refuses_to_overwrite_and_needs_an_adapter(tmp_path, llama_dir):
     apply_lora(model, LoraConfig(rank=2, alpha=2), nnx.Rngs(0))
     save_adapter(model, tmp_path, base_model_name_or_path="x")
     before = (tmp_path / "adapter_model.safetensors").read_bytes()
-    _randomize(model)
+    randomize_adapters(model)
     with pytest.raises(CheckpointError, match="already holds adapter_config.json.*overwrite"):
         save_adapter(model, tmp_path, base_model_name_or_path="x")
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
