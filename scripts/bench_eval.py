@@ -18,29 +18,18 @@ loaded, batch size --hf-batch-size, torch using every core).
 import argparse
 import json
 import os
-import platform
 import random
 import tempfile
 import time
 
 import numpy as np
+from benchlib import cpu_model
 
 MODEL = "smollm2-135m-instruct"
 
 
 def log(message):
     print(f"[bench_eval] {message}", flush=True)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def build_task(n: int, seed: int = 0):

@@ -29,6 +29,7 @@ import platform  # noqa: E402
 import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
+from benchlib import cpu_model  # noqa: E402
 
 
 def log(message):
@@ -406,16 +407,6 @@ def llamacpp_side(args, rounds=2):
         log(f"llama.cpp {name}: decode {best:.1f} tok/s")
         del model
     return out
-
-
-def cpu_model():
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _rounded(x):

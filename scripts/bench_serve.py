@@ -28,13 +28,13 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import socket
 import subprocess
 import threading
 import time
 
 import numpy as np
+from benchlib import cpu_model
 
 WORDS = ("the quick brown fox jumps over a lazy dog while rivers run to the sea and "
          "people write programs that explain why the sky is blue at noon").split()
@@ -42,17 +42,6 @@ WORDS = ("the quick brown fox jumps over a lazy dog while rivers run to the sea 
 
 def log(message):
     print(f"[bench_serve] {message}", flush=True)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def prompts(n: int, seed: int = 0) -> list[str]:
