@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 import jax
 import numpy as np
 
-from flaxlm.infer.engine import LoopState, virtual_tokens
+from flaxlm.infer.engine import LoopState
 from flaxlm.infer.generate import StreamEnd, bucket, make_batch, stream_loop
 from flaxlm.infer.sampling import SamplingParams
 from flaxlm.model.errors import ConfigError
@@ -66,7 +66,7 @@ class Conversation:
     def _reply(self, ids: list[int]) -> Iterator[tuple[str, StreamEnd | None]]:
         row = self.llm._rows([ids], self.params)[0]
         max_new = make_batch([row], self.llm.config.vocab_size).max_new
-        self._fit(len(ids) + virtual_tokens(self.llm.model) + max(CHUNK, max_new))
+        self._fit(len(ids) + self.llm.programs.virtual_tokens + max(CHUNK, max_new))
         b = make_batch([row], self.llm.config.vocab_size, prompt_len=self.capacity)
         loop = self._start(ids, b)
         pieces = []
@@ -89,7 +89,7 @@ class Conversation:
             self._cache = programs.empty_cache(1, self.capacity)
         keep = min(_shared_start(self._held, ids), len(ids) - 1)
         self.fed_tokens = len(ids) - keep
-        virtual = virtual_tokens(self.llm.model)  # a soft prompt's slots come first
+        virtual = programs.virtual_tokens  # a soft prompt's slots come first
         cache, logits = self._cache, None
         for begin in range(keep, len(ids), CHUNK):
             chunk = ids[begin:begin + CHUNK]
@@ -106,7 +106,7 @@ class Conversation:
         self.messages = [*self.messages, {"role": "assistant", "content": reply}]
         fed, generated = jax.device_get((loop.cache.lengths, loop.tokens))
         self._cache = loop.cache
-        fed = int(fed[0]) - virtual_tokens(self.llm.model)
+        fed = int(fed[0]) - self.llm.programs.virtual_tokens
         self._held = ids + [int(t) for t in generated[0, :fed - len(ids)]]
 
 
