@@ -60,12 +60,13 @@ def arithmetic_problems(split: str, count: int, *, seed: int = 0, max_operand: i
     if max_operand < 1:
         raise ConfigError(f"arithmetic max_operand must be >= 1, got {max_operand}")
     ops = sorted(set(operations))
-    available = (max_operand + 1) ** 2 * len(ops)
-    limit = available * HELD_OUT_PERCENT // 100 if split == "test" else available // 2
+    limit = _split_size(split, max_operand, ops)
+    if split == "train":
+        limit //= 2  # drawing most of a split by rejection would take long
     if count > limit:
         raise ConfigError(f"{count} arithmetic problems of split {split!r} asked for; with "
                           f"max_operand {max_operand} and operations {operations!r} at most "
-                          f"{limit} are drawn")
+                          f"{limit} are drawn (raise max_operand or ask for fewer)")
     rng = np.random.default_rng(seed)
     seen: set[ArithmeticProblem] = set()
     problems = []
@@ -76,6 +77,17 @@ def arithmetic_problems(split: str, count: int, *, seed: int = 0, max_operand: i
             seen.add(problem)
             problems.append(problem)
     return problems
+
+
+def _split_size(split: str, max_operand: int, ops: list[str]) -> int:
+    """How many problems `split` holds: counted when there are few, else a bound a little
+    below the expected share (the hash split is only close to HELD_OUT_PERCENT)."""
+    available = (max_operand + 1) ** 2 * len(ops)
+    if available <= 100_000:
+        return sum(ArithmeticProblem(a, op, b).split == split for op in ops
+                   for a in range(max_operand + 1) for b in range(max_operand + 1))
+    share = HELD_OUT_PERCENT if split == "test" else 100 - HELD_OUT_PERCENT
+    return available * share * 9 // 1000  # 90% of the expected count
 
 
 def parse_problem(prompt: str) -> ArithmeticProblem:

@@ -9,6 +9,7 @@ import jax
 import pytest
 
 from flaxlm.model import ConfigError, ModelConfig
+from flaxlm.model.arithmetic import arithmetic_problems
 from flaxlm.model.params import abstract_model
 from flaxlm.train.recipe import Recipe, apply_override
 
@@ -156,6 +157,13 @@ def test_every_finetune_recipe_loads(path):
     assert recipe.finetune.objective == ("sft" if len(path.name.split("-")) == 3
                                          else path.name.split("-")[2])
     assert recipe.finetune.report_examples > 0 or recipe.finetune.objective != "sft"
+    if recipe.finetune.objective in ("grpo", "ppo"):  # the arithmetic task holds its sizes
+        ft = recipe.finetune
+        for split, count in (("train", ft.arithmetic_train),
+                             ("test", recipe.log.eval_batches * recipe.train.micro_batch)):
+            assert len(arithmetic_problems(split, count, seed=recipe.data.seed,
+                                           max_operand=ft.arithmetic_max_operand,
+                                           operations=ft.arithmetic_operations)) == count
 
 
 def test_finetune_table_is_checked():
