@@ -316,7 +316,8 @@ def beam_start(model: Decoder, tokens: jax.Array, lengths: jax.Array, active: ja
     batch = tokens.shape[0]
     virtual = virtual_tokens(model)  # soft-prompt slots before each prompt
     cache, logits = prefill(model, tokens, lengths,
-                            KVCache.init(model.config, batch, cache_len + virtual).constrained())
+                            KVCache.init(model.config, batch, cache_len + virtual).constrained(),
+                            empty_cache=True)
     beams = repeat_beams(cache.replace(end=None), num_beams).replace(end=cache.end)
     return _init_state(beams, repeat_beams(logits, num_beams), active, num_beams, max_new)
 

@@ -28,14 +28,15 @@ from flaxlm.model.sharding import RULES, Rules, param_shardings, use_sharding
 
 
 def prefill(model: Decoder, tokens: jax.Array, lengths: jax.Array, cache: KVCache, *,
-            soft_prompt: bool = True) -> tuple[KVCache, jax.Array]:
+            soft_prompt: bool = True, empty_cache: bool = False) -> tuple[KVCache, jax.Array]:
     """tokens [batch, seq] right-padded to the bucket, lengths [batch] -> (cache, logits [batch, vocab]).
     A model with a soft prompt runs its virtual tokens first (unless soft_prompt=False: a
     prompt continued in a cache that holds them): they fill the first
-    `virtual_tokens(model)` slots."""
+    `virtual_tokens(model)` slots. `empty_cache`: the cache is a fresh `KVCache.init`
+    (attention skips its slots; see Decoder.hidden)."""
     mask = (jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]).astype(jnp.int32)
     hidden, cache = model.hidden(tokens, attention_mask=mask, cache=cache,
-                                 soft_prompt=soft_prompt)
+                                 soft_prompt=soft_prompt, empty_cache=empty_cache)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
     return cache, model.logits(last)
 
@@ -117,7 +118,7 @@ def start(model: Decoder, tokens: jax.Array, lengths: jax.Array, active: jax.Arr
     """Prefill a right-padded batch and choose every row's first token."""
     cache = KVCache.init(model.config, tokens.shape[0],
                          cache_len + virtual_tokens(model)).constrained()
-    cache, logits = prefill(model, tokens, lengths, cache)
+    cache, logits = prefill(model, tokens, lengths, cache, empty_cache=True)
     return begin(model, cache, logits, tokens, lengths, active, sampling, max_new=max_new,
                  top_n=top_n)
 

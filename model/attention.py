@@ -97,19 +97,24 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: LayerCache
     """Attention over the cache as it was and the new tokens' own keys/values, one softmax.
 
     q [b, t, heads, h]; k/v [b, kv_heads, t, h] of the new tokens; masks: ([b, t, slots]
-    over the cache's slots, [b, t, t] among the new tokens). The cache is only read here,
+    over the cache's slots, or None when the caller knows the cache is empty, [b, t, t] among
+    the new tokens). The cache is only read here,
     so the write that follows is the only user of the written buffer and XLA makes it in
     place (reading the written cache instead made XLA:CPU fuse a second copy of the write
     into the attention dots, and copy every layer's cache at every decode step).
     """
     t = q.shape[1]
     grouped = _grouped(q, k.shape[1], scale)
-    old = _masked_logits(grouped, cache.k, masks[0], t, softcap)  # [b, kv, g, t, slots]
     new = _masked_logits(grouped, k, masks[1], t, softcap)        # [b, kv, g, t, t]
-    top = jnp.maximum(old.max(-1, keepdims=True), new.max(-1, keepdims=True))
-    old, new = jnp.exp(old - top), jnp.exp(new - top)
-    total = old.sum(-1) + new.sum(-1)  # [b, kv, g, t]
-    out = _weighted(old, cache.v.astype(v.dtype)) + _weighted(new, v)  # [b, kv, g * t, h]
+    if masks[0] is None:  # a cache known to be empty: nothing to read (same numbers)
+        new = jnp.exp(new - new.max(-1, keepdims=True))
+        total, out = new.sum(-1), _weighted(new, v)
+    else:
+        old = _masked_logits(grouped, cache.k, masks[0], t, softcap)  # [b, kv, g, t, slots]
+        top = jnp.maximum(old.max(-1, keepdims=True), new.max(-1, keepdims=True))
+        old, new = jnp.exp(old - top), jnp.exp(new - top)
+        total = old.sum(-1) + new.sum(-1)  # [b, kv, g, t]
+        out = _weighted(old, cache.v.astype(v.dtype)) + _weighted(new, v)  # [b, kv, g * t, h]
     b, kv_heads, g, _ = total.shape
     out = out / total.reshape(b, kv_heads, g * t, 1).astype(out.dtype)
     return _ungrouped(out, t)

@@ -195,10 +195,14 @@ class Decoder(nnx.Module):
 
     def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
                attention_mask: jax.Array | None = None, cache: KVCache | None = None, *,
-               soft_prompt: bool | None = None) -> tuple[jax.Array, KVCache | None]:
-        """Final-norm hidden states [batch, seq, embed] and the updated cache (or None)."""
+               soft_prompt: bool | None = None, empty_cache: bool = False
+               ) -> tuple[jax.Array, KVCache | None]:
+        """Final-norm hidden states [batch, seq, embed] and the updated cache (or None).
+        `empty_cache` (static): the caller knows the cache holds nothing (a fresh
+        `KVCache.init`), so attention does not read its slots: a prompt's prefill then
+        costs its own length, not the cache's."""
         x, new_cache, _ = self._forward(tokens, positions, attention_mask, cache,
-                                        soft_prompt=soft_prompt)
+                                        soft_prompt=soft_prompt, empty_cache=empty_cache)
         return x, new_cache
 
     def trace(self, tokens: jax.Array, positions: jax.Array | None = None,
@@ -213,7 +217,7 @@ class Decoder(nnx.Module):
                      attention=jnp.stack(inside["attention"]))
 
     def _forward(self, tokens, positions, attention_mask, cache, inside=None, *,
-                 soft_prompt=None):
+                 soft_prompt=None, empty_cache=False):
         cfg = self.config
         segments = (jnp.ones_like(tokens, dtype=jnp.int32) if attention_mask is None
                     else attention_mask.astype(jnp.int32))
@@ -226,10 +230,10 @@ class Decoder(nnx.Module):
         windows = {w for w, _ in schedule}
         prompt = self._prompt(cache, soft_prompt)
         if prompt is None:
-            masks, written = self._masks(positions, segments, cache, windows)
+            masks, written = self._masks(positions, segments, cache, windows, empty_cache)
         else:
             positions, masks, written = self._prompt_masks(
-                prompt.num_tokens, start, positions, segments, cache, windows)
+                prompt.num_tokens, start, positions, segments, cache, windows, empty_cache)
         ropes = self._ropes(positions, {r for _, r in schedule} - {None})
 
         x = self.embed(tokens)  # [batch, seq, embed]
@@ -286,7 +290,7 @@ class Decoder(nnx.Module):
             return None
         return self.soft_prompt if cache is None or soft_prompt else None
 
-    def _prompt_masks(self, n, start, positions, segments, cache, windows):
+    def _prompt_masks(self, n, start, positions, segments, cache, windows, empty_cache=False):
         """(positions, masks, cache bookkeeping as `_masks` gives it) of [N virtual tokens,
         input]: the virtual tokens at start + 0..N-1, the input's positions moved up by N."""
         batch = segments.shape[0]
@@ -297,7 +301,7 @@ class Decoder(nnx.Module):
                 raise ValueError("an explicit [batch, seq, seq] attention mask takes no cache")
             q_segments = jnp.concatenate([jnp.ones((batch, n), jnp.int32),
                                           (segments != 0).astype(jnp.int32)], axis=1)
-            masks, written = self._masks(full, q_segments, cache, windows)
+            masks, written = self._masks(full, q_segments, cache, windows, empty_cache)
             return full, masks, written
         if segments.ndim == 3:
             real, real_q = segments != 0, jnp.any(segments != 0, axis=-1)
@@ -313,9 +317,10 @@ class Decoder(nnx.Module):
         distance = full[:, :, None] - full[:, None, :]
         return full, {w: base if w is None else base & (distance < w) for w in windows}, None
 
-    def _masks(self, positions, segments, cache, windows):
+    def _masks(self, positions, segments, cache, windows, empty_cache=False):
         """One mask [batch, seq, seq] per distinct window (with a cache a pair: over its
-        slots [batch, seq, slots] and among the new tokens), and with a cache its
+        slots [batch, seq, slots], None for an empty cache, and among the new tokens), and
+        with a cache its
         bookkeeping after this call (`KVCache.written`, layers not yet written)."""
         if segments.ndim == 3:  # an explicit [batch, q, kv] mask
             if cache is not None:
@@ -330,7 +335,8 @@ class Decoder(nnx.Module):
         held = (cache.positions >= 0).astype(jnp.int32)  # [batch, slots]
 
         def pair(w):  # (over the cache's slots, among the new tokens)
-            return (attention_mask(positions, q_segments, cache.positions, held, w),
+            return (None if empty_cache else
+                    attention_mask(positions, q_segments, cache.positions, held, w),
                     attention_mask(positions, q_segments, positions, q_segments, w))
 
         return {w: pair(w) for w in windows}, cache.written(positions, segments != 0)

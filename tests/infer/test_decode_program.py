@@ -76,3 +76,46 @@ def test_the_check_sees_copies(llm):
     q = jnp.ones((k.shape[0], k.shape[1], k.shape[3]))
     hlo = jax.jit(unordered, donate_argnums=0).lower(k, q).compile().as_text()
     assert cache_sized_copies(hlo, loop.cache)
+
+
+def _prefill(llm, cache_len, empty_cache):
+    from flaxlm.infer.engine import prefill
+
+    tokens = jnp.array([[5, 6, 7, 8, 9, 10, 0, 0], [11, 12, 13, 0, 0, 0, 0, 0]], jnp.int32)
+    lengths = jnp.array([6, 3], jnp.int32)
+
+    def run(state, tokens, lengths):
+        from flax import nnx
+
+        model = nnx.merge(llm.programs.graphdef, state)
+        cache = KVCache.init(model.config, 2, cache_len)
+        return prefill(model, tokens, lengths, cache, empty_cache=empty_cache)
+
+    return jax.jit(run), (llm.programs.state, tokens, lengths)
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "gemma3-local-global"])
+def test_a_fresh_cache_prefill_is_the_same_without_reading_the_cache(tiny_hf, family):
+    """`empty_cache` (start, beam search) skips attention over the cache's slots: the same
+    logits and held cache slots bit for bit (sliding windows included; a padding query's
+    output, never read, may differ), and a cost
+    that no longer grows with the cache's capacity (XLA's own FLOP count; the old path also
+    made XLA constant-fold the attention over the zero cache, minutes per program at
+    batch 32)."""
+    llm = LLM.load(tiny_hf(family, 0)[1])
+    fresh, args = _prefill(llm, 64, True)
+    full, _ = _prefill(llm, 64, False)
+    (c1, l1), (c2, l2) = fresh(*args), full(*args)
+    assert jnp.array_equal(l1, l2)
+    assert jnp.array_equal(c1.positions, c2.positions) and jnp.array_equal(c1.end, c2.end)
+    held = (c1.positions >= 0)[:, None, :, None]  # padding slots are never read
+    for a, b in zip(c1.layers, c2.layers):
+        assert jnp.array_equal(jnp.where(held, a.k, 0), jnp.where(held, b.k, 0))
+        assert jnp.array_equal(jnp.where(held, a.v, 0), jnp.where(held, b.v, 0))
+
+    def flops(cache_len, empty):
+        run, args = _prefill(llm, cache_len, empty)
+        return run.lower(*args).compile().cost_analysis()["flops"]
+
+    assert flops(512, True) == flops(64, True)
+    assert flops(512, False) > flops(64, False)
