@@ -116,7 +116,7 @@ def start_flaxlm(args, slots):
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
-    return llm, server, f"http://127.0.0.1:{port}"
+    return llm, scheduler, server, f"http://127.0.0.1:{port}"
 
 
 def static_batching(llm, texts, streams, max_tokens):
@@ -176,16 +176,17 @@ def main():
     rows = []
     for streams in levels:
         texts = prompts(streams * args.per_stream, seed=streams)
-        llm, server, url = start_flaxlm(args, streams)  # --max-slots = the streams
+        llm, scheduler, server, url = start_flaxlm(args, streams)  # --max-slots = the streams
         rows.append(("flaxlm serve", streams, asyncio.run(
             _load(url, args.model, texts, streams, args.max_tokens, {"ignore_eos": True}))))
         server.should_exit = True
+        scheduler.stop()  # its thread holds this level's model and cache
         time.sleep(1)
         if not args.skip_static:
             static_batching(llm, texts, streams, args.max_tokens)  # compiles its programs
             rows.append(("static LLM.chat", streams,
                          static_batching(llm, texts, streams, args.max_tokens)))
-        del llm, server
+        del llm, scheduler, server
         if args.llama_server is None:
             log("llama-server: skipped (no --llama-server PATH given)")
         else:
