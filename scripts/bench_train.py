@@ -31,6 +31,8 @@ import time
 
 import numpy as np
 
+from benchlib import cpu_model
+
 SHAPES = {  # name: (model preset, batch, sequence length, timed steps per round)
     "tiny": ("tiny-llama", 16, 256, 20),
     "smollm2-135m": ("smollm2-135m", 4, 128, 2),
@@ -226,14 +228,17 @@ def main() -> None:
 
     from flaxlm.train.metrics import cpu_peak, peak_flops
 
+    log(f"CPU: {cpu_model()}; peak for MFU: {cpu_peak().describe()}")
     log(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} "
-        f"with {torch.get_num_threads()} threads; load average {os.getloadavg()}")
+        f"with {torch.get_num_threads()} threads; load average {os.getloadavg()}; "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     results = [bench_shape(name, args.steps, args.rounds) for name in args.shapes.split(",")]
     for r in results:
         log(json.dumps(r))
     ratio = math.exp(statistics.mean(math.log(r["ratio"]) for r in results))
     print(json.dumps({
-        "benchmark": "train_step", "machine": platform.processor() or platform.machine(),
+        "benchmark": "train_step", "cpu": cpu_model(), "machine": platform.machine(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
         "peak_flops": peak_flops(jax.devices()[0]), "cpu_peak": cpu_peak().describe(),
         "results": results, "jax_vs_torch_ratio": round(ratio, 3)}))
