@@ -354,5 +354,7 @@ class Decoder(nnx.Module):
             return int8_matmul(x.astype(self.config.dtype), self.lm_head[...],
                                self.lm_head_scale[...])
         dtype = jnp.dtype(self.config.dtype)
-        return jnp.einsum("...d,dv->...v", x.astype(dtype), self.lm_head[...].astype(dtype),
-                          preferred_element_type=jnp.float32)
+        rows = x.astype(dtype).reshape(-1, x.shape[-1])  # 2-D, as in layers.Einsum
+        logits = jnp.einsum("nd,dv->nv", rows, self.lm_head[...].astype(dtype),
+                            preferred_element_type=jnp.float32)
+        return logits.reshape(*x.shape[:-1], -1)

@@ -31,6 +31,8 @@ import time
 
 import numpy as np
 
+from benchlib import cpu_model
+
 SHAPES = {  # name: (model preset, batch, sequence length, timed steps per round)
     "tiny": ("tiny-llama", 16, 256, 20),
     "smollm2-135m": ("smollm2-135m", 4, 128, 2),
@@ -52,33 +54,45 @@ def hf_model(config):
     return transformers.LlamaForCausalLM(hf_config).float().train()
 
 
-def jax_side(config, hf, batches, lr, mesh: str = "data=1"):
-    """A `run(n, start) -> last loss` for flaxlm's compiled train step on hf's weights."""
-    import jax
-
+def jax_state(config, hf, lr):
+    """(graphdef, train state, optimizer): flaxlm's model on hf's weights with the
+    benchmark's AdamW (weight decay 0.1, clipping 1.0, no warmup)."""
     from flaxlm.model.hf_weights import params_from_hf
     from flaxlm.model.params import build_model
-    from flaxlm.model.sharding import make_mesh
-    from flaxlm.train.data import Batch
     from flaxlm.train.optim import optimizer
     from flaxlm.train.recipe import OptimizerConfig
-    from flaxlm.train.step import compile_steps, new_state, put_batch
+    from flaxlm.train.step import new_state
 
     tensors = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
     model = build_model(config, params_from_hf(config, tensors, "hf"), "hf")
     opt = optimizer(OptimizerConfig(lr=lr, warmup_steps=0, weight_decay=0.1), 10**6)
     graphdef, state = new_state(model, opt, seed=0)
+    return graphdef, state, opt
+
+
+def device_batch(rows, sharding):
+    """One micro-batch of whole rows [batch, seq_len + 1] as a train batch [1, batch, ...]."""
+    from flaxlm.train.data import Batch
+    from flaxlm.train.step import put_batch
+
+    positions = np.broadcast_to(np.arange(rows.shape[1], dtype=np.int32), rows.shape)
+    batch = Batch(tokens=rows[None], segment_ids=np.ones_like(rows)[None],
+                  positions=positions[None])
+    return put_batch(batch, sharding)
+
+
+def jax_side(config, hf, batches, lr, mesh: str = "data=1"):
+    """A `run(n, start) -> last loss` for flaxlm's compiled train step on hf's weights."""
+    import jax
+
+    from flaxlm.model.sharding import make_mesh
+    from flaxlm.train.step import compile_steps
+
+    graphdef, state, opt = jax_state(config, hf, lr)
     devices = jax.devices()[:1] if mesh == "data=1" else jax.devices()
     steps = compile_steps(graphdef, opt, state, make_mesh(mesh, devices))
     state = jax.device_put(state, steps.state_sharding)
-
-    def device_batch(rows):  # one micro-batch of whole rows: [1, batch, seq_len + 1]
-        positions = np.broadcast_to(np.arange(rows.shape[1], dtype=np.int32), rows.shape)
-        batch = Batch(tokens=rows[None], segment_ids=np.ones_like(rows)[None],
-                      positions=positions[None])
-        return put_batch(batch, steps.train_batch_sharding)
-
-    device_batches = [device_batch(rows) for rows in batches]
+    device_batches = [device_batch(rows, steps.train_batch_sharding) for rows in batches]
 
     def run(n: int, start: int = 0) -> float:
         nonlocal state
@@ -100,18 +114,24 @@ def torch_side(hf, batches, lr):
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.95), eps=1e-8)
     tensors = [torch.as_tensor(b.astype(np.int64)) for b in batches]
+    phase = torch.profiler.record_function
 
     def run(n: int, start: int = 0) -> float:
         loss = None
         for i in range(n):
             ids = tensors[(start + i) % len(tensors)]
-            logits = hf(input_ids=ids[:, :-1]).logits
-            loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            with phase("forward"):  # named regions for scripts/profile_train.py
+                logits = hf(input_ids=ids[:, :-1]).logits
+            with phase("loss"):
+                loss = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+            with phase("backward"):
+                loss.backward()
+            with phase("clip"):
+                torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+            with phase("optimizer"):
+                opt.step()
+                opt.zero_grad(set_to_none=True)
         return loss.item()
 
     return run
@@ -208,14 +228,17 @@ def main() -> None:
 
     from flaxlm.train.metrics import cpu_peak, peak_flops
 
+    log(f"CPU: {cpu_model()}; peak for MFU: {cpu_peak().describe()}")
     log(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} "
-        f"with {torch.get_num_threads()} threads; load average {os.getloadavg()}")
+        f"with {torch.get_num_threads()} threads; load average {os.getloadavg()}; "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     results = [bench_shape(name, args.steps, args.rounds) for name in args.shapes.split(",")]
     for r in results:
         log(json.dumps(r))
     ratio = math.exp(statistics.mean(math.log(r["ratio"]) for r in results))
     print(json.dumps({
-        "benchmark": "train_step", "machine": platform.processor() or platform.machine(),
+        "benchmark": "train_step", "cpu": cpu_model(), "machine": platform.machine(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
         "peak_flops": peak_flops(jax.devices()[0]), "cpu_peak": cpu_peak().describe(),
         "results": results, "jax_vs_torch_ratio": round(ratio, 3)}))
