@@ -2,7 +2,9 @@
 
 A problem is generated from a seed ("What is 37 + 48? Answer with the number only.");
 its answer is exact, so a completion is rewarded 1.0 when it states the number and
-nothing else (surrounding whitespace and one final "." allowed), else 0.0. It lives in
+nothing else (surrounding whitespace and one final "." allowed), else 0.0
+(`arithmetic_reward`), or, by the lenient rule, when the last number it writes is the
+answer (`arithmetic_answer_reward`: "37 + 48 = 85" counts). It lives in
 `flaxlm.model`, like the docstrings task, so training (GRPO's reward) and evaluation
 see the same problems and the same split.
 
@@ -26,6 +28,7 @@ SPLITS = ("train", "test")
 HELD_OUT_PERCENT = 10
 _QUESTION = re.compile(r"What is (\d+) ([+*]) (\d+)\? Answer with the number only\.")
 _ANSWER = re.compile(r"\s*(-?\d+)\.?\s*")
+_NUMBER = re.compile(r"-?\d+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +105,22 @@ def is_correct(problem: ArithmeticProblem, completion: str) -> bool:
     """The completion is the exact answer (whitespace and one final "." allowed)."""
     match = _ANSWER.fullmatch(completion)
     return match is not None and int(match.group(1)) == problem.answer
+
+
+def states_answer(problem: ArithmeticProblem, completion: str) -> bool:
+    """The last number the completion writes is the exact answer ("37 + 48 = 85" and "85."
+    count, "85 or 86" does not): the lenient rule, for a model that echoes the sum."""
+    numbers = _NUMBER.findall(completion)
+    return bool(numbers) and int(numbers[-1]) == problem.answer
+
+
+def arithmetic_answer_reward(prompts: list[str], completions: list[str]) -> list[float]:
+    """Reward callable (`flaxlm.model.arithmetic:arithmetic_answer_reward`): 1.0 when the
+    completion's last number is the exact answer (`states_answer`), else 0.0. SmolLM2-135M
+    answers "37 + 48 = 85" rather than "85", so the strict `arithmetic_reward` is 0 for
+    every sample it draws at the start and gives GRPO nothing to learn from."""
+    return [float(states_answer(parse_problem(p), c)) for p, c in zip(prompts, completions,
+                                                                      strict=True)]
 
 
 def arithmetic_reward(prompts: list[str], completions: list[str]) -> list[float]:

@@ -9,8 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from flaxlm.model.arithmetic import (ArithmeticProblem, arithmetic_problems, arithmetic_reward,
-                                     parse_problem)
+from flaxlm.model.arithmetic import (ArithmeticProblem, arithmetic_answer_reward,
+                                    arithmetic_problems, arithmetic_reward,
+                                    parse_problem)
 from flaxlm.model.errors import ConfigError
 from flaxlm.model.sources import DataError
 from flaxlm.model.tokenizer import Tokenizer
@@ -121,6 +122,9 @@ def test_arithmetic_problems_are_seeded_held_out_and_rewarded_exactly():
     completions = ["85", " 85.\n", "85 ", "85!", "The answer is 85", "86", "8 5", ""]
     assert arithmetic_reward([problem.prompt] * 8, completions) == [1, 1, 1, 0, 0, 0, 0, 0]
     assert arithmetic_reward([ArithmeticProblem(12, "*", 11).prompt], ["132"]) == [1.0]
+    lenient = completions + ["37 + 48 = 85", "37 + 48 = 85\n\nThis is", "85 or 86", "-85"]
+    assert arithmetic_answer_reward([problem.prompt] * 12, lenient) == \
+        [1, 1, 1, 1, 1, 0, 0, 0, 1, 1, 0, 0]
     with pytest.raises(ConfigError, match="at most"):
         arithmetic_problems("test", 10_000, max_operand=9)
     with pytest.raises(ConfigError, match="operations"):
