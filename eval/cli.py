@@ -18,7 +18,8 @@ DEFAULT_BATCH = 64
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="smollm2-135m-instruct, a .gguf file or an HF directory")
     p.add_argument("--task", action="append", default=[], metavar="KIND[:ARGS]",
-                   help="perplexity:GLOB, mmlu:DIR, mc:FILE.jsonl, gen:FILE.jsonl, docstrings "
+                   help="perplexity:GLOB, mmlu:DIR, mc:FILE.jsonl, gen:FILE.jsonl, docstrings, "
+                        "arithmetic "
                         "(repeatable; options as ,key=value)")
     p.add_argument("--harness", metavar="TASKS", help="lm-evaluation-harness tasks, comma-separated")
     p.add_argument("--include-path", metavar="DIR", help="more lm-evaluation-harness task YAMLs")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from flaxlm.eval.arithmetic import ArithmeticTask
 from flaxlm.eval.generation import DocstringTask, GenerationTask
 from flaxlm.eval.multiple_choice import jsonl_task, mmlu_task
 from flaxlm.eval.perplexity import PerplexityTask
@@ -15,6 +16,7 @@ KINDS: dict[str, Callable[[str, Settings], Task]] = {
     "mc": jsonl_task,               # mc:FILE.jsonl[,dev=DEV.jsonl]
     "gen": GenerationTask,          # gen:FILE.jsonl[,stop=TEXT]
     "docstrings": DocstringTask,    # docstrings[:split=test|train]
+    "arithmetic": ArithmeticTask,   # arithmetic[:split=,count=,max_operand=,operations=,seed=]
 }
 
 

@@ -135,3 +135,64 @@ def test_bad_command_lines_exit_2_before_loading(flags, message, capsys):
     assert main(["eval", "no-such-model", *flags]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
+
+
+class _Answers:
+    """An LLM stand-in answering the arithmetic questions in turn: the bare answer, the
+    echoed sum, a wrong number, an echoed wrong sum."""
+
+    max_batch = 8
+
+    def __init__(self):
+        self.answered = 0
+
+    def chat_prompt_ids(self, messages):
+        return messages[0]["content"]
+
+    def generate(self, prompts, params, truncate):
+        from types import SimpleNamespace
+
+        from flaxlm.model.arithmetic import parse_problem
+
+        assert params.temperature == 0 and params.max_new_tokens == 16
+        out = []
+        for text in prompts:
+            p = parse_problem(text)
+            answers = [f"{p.answer}", f"{p.a} {p.op} {p.b} = {p.answer}", f"{p.answer + 1}",
+                       f"{p.a} {p.op} {p.b} = {p.answer + 1}"]
+            out.append(SimpleNamespace(text=answers[self.answered % 4]))
+            self.answered += 1
+        return out
+
+
+def test_arithmetic_task_is_the_grpo_recipes_held_out_set_and_scores_both_rules():
+    from flaxlm.train.grpo import grpo_prompts
+    from flaxlm.train.recipe import Recipe
+
+    task = make_task("arithmetic", Settings())
+    recipe = Recipe.load("configs/finetune/smollm2-lora-grpo-arithmetic.toml")
+
+    class Chat:  # grpo_prompts renders the chat; only the question text matters here
+        def apply_chat_template(self, messages, add_generation_prompt):
+            return messages[0]["content"]
+
+        def encode(self, text, add_special_tokens):
+            return [1]
+
+    held_out = [p.text for p in grpo_prompts(recipe, Chat())[1]]
+    assert [p.prompt for p in task.problems] == held_out and len(held_out) == 128
+    result = task.run(_Answers(), lambda n: None)
+    assert result.metrics["accuracy"].value == 0.5 and result.metrics["exact"].value == 0.25
+    assert result.num_examples == 128
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("arithmetic:split=dev", "split must be one of"),
+    ("arithmetic:count=many", "count must be an integer"),
+    ("arithmetic:count=500,max_operand=20", "at most"),
+    ("arithmetic:operations=-", "operations"),
+    ("arithmetic:size=3", "unknown option 'size'"),
+])
+def test_arithmetic_task_bad_options(spec, message):
+    with pytest.raises(EvalError, match=message):
+        make_task(spec, Settings())
