@@ -146,7 +146,9 @@ class Decoder(nnx.Module):
                      row's padding is never attended to). The caller keeps
                      `cache.end + seq <= cache.max_len`.
     Returns logits [batch, seq, vocab] in float32, and the updated cache when
-    one was given.
+    one was given. With `config.scan_layers` a call without a cache runs the
+    blocks as one lax.scan (flaxlm.model.scan); with a cache, and in `trace`,
+    they run one after another.
 
     With a soft prompt (`soft_prompt`, set by flaxlm.model.prompt_tuning) the model
     runs its N virtual tokens, at positions 0..N-1, before every sequence: each input
@@ -243,10 +245,22 @@ class Decoder(nnx.Module):
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(x.dtype)
         x = constrain(x, ACTIVATION_AXES)
         if cfg.scan_layers and cache is None and inside is None:
-            x, router_logits = self._finish(*self._scanned(x, schedule, masks, ropes), prompt)
-            return x, None, router_logits
+            x, router_logits = self._scanned(x, schedule, masks, ropes)
+        else:
+            x, new_layers, router_logits = self._unrolled(x, schedule, masks, ropes, cache,
+                                                          inside)
+        if prompt is not None:  # outputs for the input tokens only
+            x = x[:, prompt.num_tokens:]
+            router_logits = [r[:, prompt.num_tokens:] for r in router_logits]
+        x = self.final_norm(x)
+        new_cache = None if cache is None else written.replace(layers=tuple(new_layers))
+        return x, new_cache, tuple(router_logits)
+
+    def _unrolled(self, x, schedule, masks, ropes, cache, inside):
+        """The blocks one after another: (x, each layer's cache or None, router logits of
+        each MoE layer); with `inside` (Decoder.trace) recording what happens."""
         new_layers, router_logits = [], []
-        call_block = _call_block if cache is not None else _remat(cfg.remat)
+        call_block = _call_block if cache is not None else _remat(self.config.remat)
         for i, (block, (window, rope)) in enumerate(zip(self.layers, schedule)):
             layer_cache = cache.layers[i] if cache is not None else None
             if inside is not None:  # Decoder.trace
@@ -265,9 +279,7 @@ class Decoder(nnx.Module):
                 router_logits.append(logits)
         if inside is not None:
             inside["residual"].append(x)
-        x, router_logits = self._finish(x, router_logits, prompt)
-        new_cache = None if cache is None else written.replace(layers=tuple(new_layers))
-        return x, new_cache, router_logits
+        return x, new_layers, router_logits
 
     def _scanned(self, x, schedule, masks, ropes):
         """The blocks as a scan over repeats of the layer pattern (ModelConfig.scan_layers):
@@ -281,14 +293,6 @@ class Decoder(nnx.Module):
             return constrain(x, ACTIVATION_AXES), logits
 
         return scan_layers(list(self.layers), self.config.layer_period, x, layer)
-
-    def _finish(self, x, router_logits, prompt):
-        """The final norm of the blocks' output and the router logits (a tuple), for the
-        input tokens only."""
-        if prompt is not None:
-            x = x[:, prompt.num_tokens:]
-            router_logits = [r[:, prompt.num_tokens:] for r in router_logits]
-        return self.final_norm(x), tuple(router_logits)
 
     def _ropes(self, positions, kinds):
         cfg = self.config
