@@ -38,6 +38,9 @@ ROUTERS = ("softmax_topk", "topk_softmax")
 # Rematerialization of each block in the backward pass: "full" recomputes the whole
 # block, "dots" keeps matmul outputs and recomputes the rest, "none" keeps everything.
 REMAT_POLICIES = ("none", "full", "dots")
+# `scan_layers` runs the layers as a lax.scan over repeats of the per-layer pattern
+# (flaxlm.model.scan), which needs at least this many repeats.
+MIN_SCAN_REPEATS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +142,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
+    scan_layers: bool = False  # forward without a cache as a lax.scan (flaxlm.model.scan)
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):
@@ -165,6 +169,7 @@ class ModelConfig:
         self._check_attention()
         self._check_rope()
         self._check_moe()
+        self._check_scan()
 
     def _set_pattern(self, name: str, choices: tuple[str, ...]) -> None:
         pattern = tuple(getattr(self, name))
@@ -216,6 +221,24 @@ class ModelConfig:
             raise ConfigError(f"expert_mlp_dim must be >= 1, got {self.expert_mlp_dim}")
         if not self.gated_mlp:
             raise ConfigError("'moe' layers are gated MLPs: gated_mlp must be true")
+
+    def _check_scan(self) -> None:
+        if not isinstance(self.scan_layers, bool):
+            raise ConfigError(f"scan_layers must be true or false, got {self.scan_layers!r}")
+        repeats = self.num_layers // self.layer_period
+        if self.scan_layers and repeats < MIN_SCAN_REPEATS:
+            raise ConfigError(
+                f"scan_layers: the layers differ with a period of {self.layer_period} "
+                f"(layer_attention {list(self.layer_attention)}, layer_positions "
+                f"{list(self.layer_positions)}, layer_mlp {list(self.layer_mlp)}), so "
+                f"{self.num_layers} layers hold {repeats} repeat(s) of the pattern and a scan "
+                f"needs {MIN_SCAN_REPEATS}; set scan_layers = false")
+
+    @property
+    def layer_period(self) -> int:
+        """Layers i and i + layer_period are built alike (their per-layer entries agree)."""
+        return math.lcm(len(self.layer_attention), len(self.layer_positions),
+                        len(self.layer_mlp))
 
     @property
     def rotary_dim(self) -> int:

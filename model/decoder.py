@@ -22,6 +22,7 @@ from flaxlm.model.int8 import int8_matmul
 from flaxlm.model.layers import Embedder, Mlp, Norm, NormSpec, make_param
 from flaxlm.model.moe import MoeMlp
 from flaxlm.model.rope import rope_table
+from flaxlm.model.scan import scan_layers
 from flaxlm.model.sharding import constrain
 
 
@@ -145,7 +146,9 @@ class Decoder(nnx.Module):
                      row's padding is never attended to). The caller keeps
                      `cache.end + seq <= cache.max_len`.
     Returns logits [batch, seq, vocab] in float32, and the updated cache when
-    one was given.
+    one was given. With `config.scan_layers` a call without a cache runs the
+    blocks as one lax.scan (flaxlm.model.scan); with a cache, and in `trace`,
+    they run one after another.
 
     With a soft prompt (`soft_prompt`, set by flaxlm.model.prompt_tuning) the model
     runs its N virtual tokens, at positions 0..N-1, before every sequence: each input
@@ -245,8 +248,23 @@ class Decoder(nnx.Module):
         if self.pos_embed is not None:
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(x.dtype)
         x = constrain(x, ACTIVATION_AXES)
+        if cfg.scan_layers and cache is None and inside is None:
+            x, router_logits = self._scanned(x, schedule, masks, ropes)
+        else:
+            x, new_layers, router_logits = self._unrolled(x, schedule, masks, ropes, cache,
+                                                          inside)
+        if prompt is not None:  # outputs for the input tokens only
+            x = x[:, prompt.num_tokens:]
+            router_logits = [r[:, prompt.num_tokens:] for r in router_logits]
+        x = self.final_norm(x)
+        new_cache = None if cache is None else written.replace(layers=tuple(new_layers))
+        return x, new_cache, tuple(router_logits)
+
+    def _unrolled(self, x, schedule, masks, ropes, cache, inside):
+        """The blocks one after another: (x, each layer's cache or None, router logits of
+        each MoE layer); with `inside` (Decoder.trace) recording what happens."""
         new_layers, router_logits = [], []
-        call_block = _call_block if cache is not None else _remat(cfg.remat)
+        call_block = _call_block if cache is not None else _remat(self.config.remat)
         for i, (block, (window, rope)) in enumerate(zip(self.layers, schedule)):
             layer_cache = cache.layers[i] if cache is not None else None
             if inside is not None:  # Decoder.trace
@@ -265,12 +283,20 @@ class Decoder(nnx.Module):
                 router_logits.append(logits)
         if inside is not None:
             inside["residual"].append(x)
-        if prompt is not None:  # outputs for the input tokens only
-            x = x[:, prompt.num_tokens:]
-            router_logits = [r[:, prompt.num_tokens:] for r in router_logits]
-        x = self.final_norm(x)
-        new_cache = None if cache is None else written.replace(layers=tuple(new_layers))
-        return x, new_cache, tuple(router_logits)
+        return x, new_layers, router_logits
+
+    def _scanned(self, x, schedule, masks, ropes):
+        """The blocks as a scan over repeats of the layer pattern (ModelConfig.scan_layers):
+        (x, router logits of each MoE layer, in layer order)."""
+        call_block = _remat(self.config.remat)
+
+        def layer(j, block, x):  # j: the layer's place in the pattern
+            window, rope = schedule[j]
+            with jax.named_scope(f"scanned_layer_{j}"):
+                x, _, logits = call_block(block, x, masks[window], ropes.get(rope), None, None)
+            return constrain(x, ACTIVATION_AXES), logits
+
+        return scan_layers(list(self.layers), self.config.layer_period, x, layer)
 
     def _ropes(self, positions, kinds):
         cfg = self.config

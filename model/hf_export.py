@@ -29,7 +29,8 @@ _ARCHITECTURES = {
     "gpt2": "GPT2LMHeadModel",
 }
 EXPORT_ORDER = tuple(_ARCHITECTURES)
-_RUNTIME = dict(dtype="float32", param_dtype="float32", remat="none")
+_RUNTIME = dict(dtype="float32", param_dtype="float32", remat="none",
+                scan_layers=False)
 
 
 def config_to_hf(cfg: ModelConfig, bos_token_id: int | None = None,

@@ -36,7 +36,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--process-id", type=int, metavar="I", help="implies --distributed")
     p.add_argument("--dry-run", action="store_true",
                    help="print the parameter, optimizer and activation memory per device "
-                        "that the recipe and its mesh (train.mesh) imply, then exit")
+                        "that the recipe and its mesh (train.mesh) imply, and the seconds "
+                        "the train step takes to lower and compile, then exit")
     p.add_argument("--devices", type=int, metavar="N",
                    help="with --dry-run: plan for N devices (default: the devices here; "
                         "activation memory is then estimated by a formula, not compiled)")

@@ -57,9 +57,9 @@ RUN_CONTENTS = ("checkpoints", "tensorboard", "tokenizer", "export", RUN_FILE, "
 
 def load_base(recipe: Recipe) -> tuple[nnx.Module, Tokenizer]:
     """The base model of `finetune.base` (int8 with finetune.quantize) with the [model]
-    table's dtype, param_dtype and remat, and its tokenizer; with no base (method full),
-    a new model of the [model] table initialised from train.seed, with the tokenizer of
-    [tokenizer] source (a student trained from scratch, e.g. by distillation)."""
+    table's dtype, param_dtype, remat and scan_layers, and its tokenizer; with no base
+    (method full), a new model of the [model] table initialised from train.seed, with the
+    tokenizer of [tokenizer] source (a student trained from scratch, e.g. by distillation)."""
     ft, table = recipe.finetune, dict(recipe.model)
     if not ft.base:
         return _new_model(recipe)

@@ -299,7 +299,7 @@ SECTIONS = {"tokenizer": TokenizerConfig, "data": DataConfig, "optimizer": Optim
 OPTIONAL_SECTIONS = ("finetune",)  # None when the file has no such table
 MODEL_KEYS = ("preset", *(f.name for f in dataclasses.fields(ModelConfig)))
 # Model settings that change how a model runs, not its parameters.
-RUNTIME_MODEL_KEYS = ("dtype", "param_dtype", "remat")
+RUNTIME_MODEL_KEYS = ("dtype", "param_dtype", "remat", "scan_layers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,8 +346,8 @@ class Recipe:
         """The ModelConfig of the [model] table (a preset with overrides, or inline).
 
         With `init` (the config of a model to fine-tune) the shape comes from `init`;
-        the table may set dtype, param_dtype and remat, and any shape field it sets
-        (a preset included) must agree with `init`.
+        the table may set dtype, param_dtype, remat and scan_layers, and any shape field
+        it sets (a preset included) must agree with `init`.
         """
         fields = dict(self.model)
         runtime = {k: fields.pop(k) for k in RUNTIME_MODEL_KEYS if k in fields}

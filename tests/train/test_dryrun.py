@@ -45,6 +45,9 @@ def test_dry_run_prints_memory_per_device_and_does_not_train(capsys, monkeypatch
     assert _bytes(out, "activations") > 0
     assert _bytes(out, "total") == sum(_bytes(out, row) for row in
                                        ("parameters", "optimizer state", "activations"))
+    lowered, compiled = map(float, re.search(
+        r"train step: lowered in ([\d.]+) s, compiled in ([\d.]+) s", out).groups())
+    assert lowered > 0 and compiled > 0
 
 
 def test_dry_run_plans_for_devices_that_are_not_here(capsys, tmp_path):
@@ -54,6 +57,7 @@ def test_dry_run_plans_for_devices_that_are_not_here(capsys, tmp_path):
     plan = memory_plan(recipe, num_devices=64)
     assert plan.mesh == {"data": 2, "fsdp": 32, "expert": 1, "tensor": 1}
     assert plan.activation_source == "formula"
+    assert plan.compile_seconds is None and "train step:" not in plan.report()
     # Parameters (vocab 320, embed 64, 4 heads and 2 kv heads of 16, mlp 64, 2 layers,
     # untied), by hand: embedding 320*64 = 20,480; per layer q 64*64 + k 64*32 + v 64*32 +
     # o 64*64 = 12,288, gate/up/down 3*64*64 = 12,288, two norms 128: 24,704, times 2 =
@@ -71,6 +75,17 @@ def test_dry_run_plans_for_devices_that_are_not_here(capsys, tmp_path):
     # With remat, one layer (122,880) plus each layer's input (2 * 32 tokens * 64 * 4 bytes
     # = 16,384) and the same logits.
     assert remat.activation_bytes == 122_880 + 16_384 + 122_880
+
+
+def test_dry_run_compiles_the_scanned_step(tmp_path):
+    """model.scan_layers: the same state per device, the step compiled with the scan."""
+    plans = [memory_plan(tiny_recipe(tmp_path, model={**MODEL, "num_layers": 4,
+                                                      "scan_layers": scan}))
+             for scan in (False, True)]
+    assert [p.activation_source for p in plans] == ["compiled", "compiled"]
+    assert plans[0].param_bytes == plans[1].param_bytes
+    assert plans[0].optimizer_bytes == plans[1].optimizer_bytes
+    assert all(p.compile_seconds > 0 for p in plans)
 
 
 def test_dry_run_devices_flag(capsys, tmp_path):

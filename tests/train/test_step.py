@@ -82,6 +82,25 @@ def test_remat_gives_the_same_loss_and_update(policy):
     _assert_params_close(remat_state, plain_state)
 
 
+MOE = CONFIG.replace(num_layers=4, layer_mlp=("dense", "moe"), num_experts=4,
+                     experts_per_token=2, expert_mlp_dim=32)
+
+
+@pytest.mark.parametrize("config, policy", [(CONFIG, "none"), (CONFIG, "full"),
+                                            (CONFIG, "dots"), (MOE, "full")])
+def test_scanned_layers_give_the_same_loss_and_update(config, policy):
+    """ModelConfig.scan_layers: the same step, each layer's gradient back in its own
+    parameters (the state's layout is the unscanned one)."""
+    rows = _reshape(_rows(8), 2)
+    plain_state, plain = _step(config.replace(remat=policy), rows)
+    scan_state, scanned = _step(config.replace(remat=policy, scan_layers=True), rows)
+    np.testing.assert_allclose(scanned.loss, plain.loss, rtol=1e-6)
+    np.testing.assert_allclose(scanned.grad_norm, plain.grad_norm, rtol=1e-5)
+    np.testing.assert_allclose(scanned.router_loss, plain.router_loss, rtol=1e-6)
+    assert jax.tree.structure(scan_state.params) == jax.tree.structure(plain_state.params)
+    _assert_params_close(scan_state, plain_state)
+
+
 def test_packed_rows_give_each_document_its_unpacked_loss():
     graphdef, state = _initial(CONFIG, SGD)
     rng = np.random.default_rng(3)
