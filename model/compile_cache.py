@@ -15,6 +15,13 @@ from pathlib import Path
 import jax
 
 
+def cache_home() -> Path:
+    """flaxlm's directory under the user's cache: `$XDG_CACHE_HOME/flaxlm`, else
+    `~/.cache/flaxlm`."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "flaxlm"
+
+
 def compile_cache_dir() -> Path | None:
     """Where flaxlm keeps compiled programs, or None when the cache is off."""
     if os.environ.get("FLAXLM_COMPILE_CACHE", "1").strip().lower() in ("0", "false", "off", "no"):
@@ -22,8 +29,7 @@ def compile_cache_dir() -> Path | None:
     given = os.environ.get("FLAXLM_COMPILE_CACHE_DIR")
     if given:
         return Path(given).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "flaxlm" / "xla"
+    return cache_home() / "xla"
 
 
 def enable_compile_cache() -> str | None:

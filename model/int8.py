@@ -9,30 +9,28 @@ their own blocks, G = K / 32.
 
 The matmul never builds a float copy of a whole weight. On XLA:CPU it walks
 the output rows in blocks: each block is converted to float into a buffer
-that stays in cache and multiplied there (scripts/bench_int8_matmul.py measures
+that stays in cache and multiplied there; the block size is measured on the CPU
+at first use (`flaxlm.model.int8_blocks`). scripts/bench_int8_matmul.py measures
 this against the alternatives: converting the whole weight first, or a dot
-that takes int8 directly, are 10-20x slower than the float32 dot they
-replace). Other backends get the plain `dot(x, q.astype(...)) * scale`, whose
+that takes int8 directly, are 5-20x slower than the float32 dot they
+replace. Other backends get the plain `dot(x, q.astype(...)) * scale`, whose
 convert XLA:GPU fuses into the dot.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxlm.model import int8_blocks
 from flaxlm.model.errors import CheckpointError
 
 Q8_0_BLOCK = 32                  # values per GGUF Q8_0 block
 _Q8_0_BYTES = 2 + Q8_0_BLOCK     # float16 scale, then 32 int8 values
-# Float bytes of one converted block on CPU: 4 MiB, so a layer's projection is two
-# blocks that stay in the shared L3 between convert and dot. In the batch-1 SmolLM2
-# decode step this measured fastest (256 KiB 28 ms, 1 MiB 27, 2 MiB 25, 4 MiB 21-22,
-# 8-16 MiB 22 ms per step; float32 24-25 ms), and prefill's GEMMs want big blocks too.
-CPU_BLOCK_BYTES = 1 << 22
 
 
 def quantize_rows(w: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -70,7 +68,8 @@ def q8_0_to_int8(data: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
     """x [..., K] float, q int8 [N, K], scale [N, G] -> x @ w.T [..., N] float32."""
-    return _int8_matmul(x, q, scale, CPU_BLOCK_BYTES)
+    rows = math.prod(x.shape[:-1])
+    return _int8_matmul(x, q, scale, int8_blocks.block_bytes(rows))
 
 
 # Jitted, so that a model called eagerly compiles each weight shape's matmul once instead of
@@ -99,11 +98,10 @@ def _fused_matmul(x, q, scale):
     return _block_product(x, q, scale)
 
 
-def block_rows(n: int, k: int, block_bytes: int | None = None) -> int:
+def block_rows(n: int, k: int, block_bytes: int) -> int:
     """Rows per converted block: the largest divisor of n whose float block fits
-    `block_bytes` (default CPU_BLOCK_BYTES), or the byte budget itself when n has
-    no divisor near it."""
-    target = max(1, min((block_bytes or CPU_BLOCK_BYTES) // (4 * k), n // 2))
+    `block_bytes`, or the byte budget itself when n has no divisor near it."""
+    target = max(1, min(block_bytes // (4 * k), n // 2))
     divisor = max(d for d in range(1, target + 1) if n % d == 0)
     return divisor if 2 * divisor >= target else target
 

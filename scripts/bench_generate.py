@@ -170,7 +170,7 @@ def int8_bench(llm, prompt, new, rounds=3):
     float32 `llm`, alternated `rounds` times on the same prompt (best of each), so a
     change in the machine's load hits both."""
     from flaxlm.infer import LLM
-    from flaxlm.model import param_stats
+    from flaxlm.model import int8_blocks, param_stats
 
     int8_llm = LLM.load("smollm2-135m-instruct", quantize="int8")
     flaxlm_decode(int8_llm, prompt, 4, repeats=1)  # compile the int8 programs
@@ -181,7 +181,8 @@ def int8_bench(llm, prompt, new, rounds=3):
         int8 = max(int8, decode)
     res = {"int8_decode_tok_s": int8, "int8_fp32_decode_tok_s": fp32,
            "int8_vs_fp32_ratio": int8 / fp32, "int8_ttft_128_s": ttft,
-           "int8_weight_bytes": sum(param_stats(int8_llm.model)[1].values())}
+           "int8_weight_bytes": sum(param_stats(int8_llm.model)[1].values()),
+           "int8_block_bytes": int8_blocks.choices()}  # measured on this CPU at first use
     log(f"int8 batch 1: decode {int8:.1f} tok/s vs float32 {fp32:.1f} in the same rounds "
         f"({res['int8_vs_fp32_ratio']:.2f}x), int8 weights {res['int8_weight_bytes'] / 2**20:.0f} MiB")
     return res

@@ -8,6 +8,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The int8 matmul's CPU block size, fixed so no test process runs the first-use probe
+# (tests/model/test_int8_blocks.py tests the probe and its record on their own).
+os.environ.setdefault("FLAXLM_INT8_BLOCK_BYTES", str(1 << 22))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

@@ -76,8 +76,8 @@ def test_int8_matmul_formulations_equal_dense(monkeypatch, groups, n):
     dense = np.asarray(x @ w.T)
     # float32 summation of 64 products, in any order: |error| <= 64 eps sum_k |x_k w_k|
     bound = 64 * 2.0 ** -24 * np.asarray(jnp.abs(x) @ jnp.abs(w).T)
-    monkeypatch.setattr(int8, "CPU_BLOCK_BYTES", 10 * 64 * 4)  # blocks of 10 rows
-    assert int8.block_rows(n, 64) in (8, 10)
+    monkeypatch.setattr(int8.int8_blocks, "block_bytes", lambda rows: 10 * 64 * 4)
+    assert int8.block_rows(n, 64, 10 * 64 * 4) in (8, 10)  # 10-row blocks (8 for 96 rows)
     blocked = np.asarray(jax.jit(int8.int8_matmul)(x, q, scale))
     fused = np.asarray(int8._fused_matmul(x.reshape(6, 64), q, scale)).reshape(2, 3, n)
     assert np.all(np.abs(blocked - dense) <= bound)
@@ -231,7 +231,7 @@ def test_decode_step_holds_no_float_copy_of_the_weights():
                                                             cache, tokens))
     compiled = step.lower(state, cache, jax.ShapeDtypeStruct((1,), jnp.int32)).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
-    assert temp < 2 * int8.CPU_BLOCK_BYTES < float_head, temp
+    assert temp < 2 * int8.int8_blocks.block_bytes(1) < float_head, temp
 
 
 def test_parameter_memory_is_measured():
