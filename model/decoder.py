@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flaxlm.model.attention import Attention, attention_mask
+from flaxlm.model.attention import Attention, CausalMask, attention_mask
 from flaxlm.model.cache import KVCache
 from flaxlm.model.config import ModelConfig, RopeScaling, embed_scale
 from flaxlm.model.int8 import int8_matmul
@@ -117,6 +117,16 @@ def layer_schedule(cfg: ModelConfig) -> tuple[tuple[int | None, str | None], ...
     return tuple(out)
 
 
+def _self_mask(positions: jax.Array, segments: jax.Array, window: int | None) -> jax.Array:
+    """The mask [batch, seq, seq] among a row's tokens with segment ids: `attention_mask`
+    (causal by position, same document), and causal by index as in HF: a key after the
+    query in the row is never attended, whatever the positions (the same mask wherever
+    positions increase along each document, as the default and packed positions do)."""
+    t = positions.shape[1]
+    return attention_mask(positions, segments, positions, segments, window) & jnp.tril(
+        jnp.ones((t, t), bool))
+
+
 class Trace(NamedTuple):
     """`Decoder.trace`: logits [batch, seq, vocab] float32; residual [layers + 1, batch, seq,
     embed] (residual[0] the embeddings, residual[i] the stream after block i, before the
@@ -137,7 +147,10 @@ class Decoder(nnx.Module):
                      non-padding tokens (so left padding does not shift them),
                      continuing from `cache.lengths` when a cache is given.
       attention_mask [batch, seq]: 0 marks padding; equal positive values mark
-                     one document (segment ids of packed sequences). Or an
+                     one document (segment ids of packed sequences). A token
+                     attends to the tokens of its document at or before it in
+                     the row with positions up to its own (in a sliding-window
+                     layer: within the window). Or an
                      explicit boolean mask [batch, seq, seq] (query, key) with
                      `positions` given, for masks segment ids cannot express
                      (several continuations sharing one context in a row).
@@ -332,7 +345,7 @@ class Decoder(nnx.Module):
         if segments.ndim == 3:
             real, real_q = segments != 0, jnp.any(segments != 0, axis=-1)
         else:
-            real = attention_mask(positions, segments, positions, segments, None)
+            real = _self_mask(positions, segments, None)
             real_q = segments != 0
         t = positions.shape[1]
         causal = jnp.broadcast_to(jnp.tril(jnp.ones((n, n), bool)), (batch, n, n))
@@ -341,7 +354,10 @@ class Decoder(nnx.Module):
                                  axis=2)
         base = jnp.concatenate([top, bottom], axis=1)  # [batch, N + seq, N + seq]
         distance = full[:, :, None] - full[:, None, :]
-        return full, {w: base if w is None else base & (distance < w) for w in windows}, None
+        masks = {w: base if w is None else base & (distance < w) for w in windows}
+        if segments.ndim == 2:  # the virtual tokens come first and attend among themselves
+            masks = {w: CausalMask(m) for w, m in masks.items()}
+        return full, masks, None
 
     def _masks(self, positions, segments, cache, windows, empty_cache=False):
         """One mask [batch, seq, seq] per distinct window (with a cache a pair: over its
@@ -355,15 +371,14 @@ class Decoder(nnx.Module):
             distance = positions[:, :, None] - positions[:, None, :]
             return {w: base if w is None else base & (distance < w) for w in windows}, None
         if cache is None:
-            return {w: attention_mask(positions, segments, positions, segments, w)
-                    for w in windows}, None
+            return {w: CausalMask(_self_mask(positions, segments, w)) for w in windows}, None
         q_segments = (segments != 0).astype(jnp.int32)
         held = (cache.positions >= 0).astype(jnp.int32)  # [batch, slots]
 
         def pair(w):  # (over the cache's slots, among the new tokens)
             return (None if empty_cache else
                     attention_mask(positions, q_segments, cache.positions, held, w),
-                    attention_mask(positions, q_segments, positions, q_segments, w))
+                    _self_mask(positions, q_segments, w))
 
         return {w: pair(w) for w in windows}, cache.written(positions, segments != 0)
 
