@@ -140,23 +140,41 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: LayerCache
 
     q [b, t, heads, h]; k/v [b, kv_heads, t, h] of the new tokens; masks: ([b, t, slots]
     over the cache's slots, or None when the caller knows the cache is empty, [b, t, t] among
-    the new tokens). The cache is only read here,
+    the new tokens, or a `CausalMask`: then, with an empty cache, the new tokens' causal
+    self-attention goes in query blocks as without a cache). The cache is only read here,
     so the write that follows is the only user of the written buffer and XLA makes it in
     place (reading the written cache instead made XLA:CPU fuse a second copy of the write
     into the attention dots, and copy every layer's cache at every decode step).
     """
     t = q.shape[1]
+    if masks[0] is None:  # a cache known to be empty: self-attention among the new tokens
+        causal = isinstance(masks[1], CausalMask)
+        mask = masks[1].mask if causal else masks[1]
+        blocks = query_blocks(t) if causal else ((0, t),)
+        return jnp.concatenate([_fresh_attention(q[:, a:z], k[:, :, :z], v[:, :, :z],
+                                                 mask[:, a:z, :z], scale, softcap)
+                                for a, z in blocks], axis=1)
     grouped = _grouped(q, k.shape[1], scale)
     new = _masked_logits(grouped, k, masks[1], t, softcap)        # [b, kv, g, t, t]
-    if masks[0] is None:  # a cache known to be empty: nothing to read (same numbers)
-        new = jnp.exp(new - new.max(-1, keepdims=True))
-        total, out = new.sum(-1), _weighted(new, v)
-    else:
-        old = _masked_logits(grouped, cache.k, masks[0], t, softcap)  # [b, kv, g, t, slots]
-        top = jnp.maximum(old.max(-1, keepdims=True), new.max(-1, keepdims=True))
-        old, new = jnp.exp(old - top), jnp.exp(new - top)
-        total = old.sum(-1) + new.sum(-1)  # [b, kv, g, t]
-        out = _weighted(old, cache.v.astype(v.dtype)) + _weighted(new, v)  # [b, kv, g * t, h]
+    old = _masked_logits(grouped, cache.k, masks[0], t, softcap)  # [b, kv, g, t, slots]
+    top = jnp.maximum(old.max(-1, keepdims=True), new.max(-1, keepdims=True))
+    old, new = jnp.exp(old - top), jnp.exp(new - top)
+    total = old.sum(-1) + new.sum(-1)  # [b, kv, g, t]
+    out = _weighted(old, cache.v.astype(v.dtype)) + _weighted(new, v)  # [b, kv, g * t, h]
+    return _normalized(out, total, t)
+
+
+def _fresh_attention(q, k, v, mask, scale, softcap):
+    """`cached_attention` of queries [b, t, heads, h] over keys/values [b, kv_heads, s, h]
+    only (no cache slots), in the same order of operations: one query block of a prefill."""
+    t = q.shape[1]
+    new = _masked_logits(_grouped(q, k.shape[1], scale), k, mask, t, softcap)
+    new = jnp.exp(new - new.max(-1, keepdims=True))
+    return _normalized(_weighted(new, v), new.sum(-1), t)
+
+
+def _normalized(out, total, t):
+    """out [b, kv, g * t, h] / total [b, kv, g, t] -> [b, t, heads, h]."""
     b, kv_heads, g, _ = total.shape
     out = out / total.reshape(b, kv_heads, g * t, 1).astype(out.dtype)
     return _ungrouped(out, t)

@@ -376,8 +376,9 @@ class Decoder(nnx.Module):
         held = (cache.positions >= 0).astype(jnp.int32)  # [batch, slots]
 
         def pair(w):  # (over the cache's slots, among the new tokens)
-            return (None if empty_cache else
-                    attention_mask(positions, q_segments, cache.positions, held, w),
+            if empty_cache:
+                return None, CausalMask(_self_mask(positions, q_segments, w))
+            return (attention_mask(positions, q_segments, cache.positions, held, w),
                     _self_mask(positions, q_segments, w))
 
         return {w: pair(w) for w in windows}, cache.written(positions, segments != 0)

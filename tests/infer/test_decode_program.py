@@ -5,6 +5,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from flaxlm.infer import LLM, BeamParams, SamplingParams
@@ -78,11 +79,12 @@ def test_the_check_sees_copies(llm):
     assert cache_sized_copies(hlo, loop.cache)
 
 
-def _prefill(llm, cache_len, empty_cache):
+def _prefill(llm, cache_len, empty_cache, tokens=None, lengths=None):
     from flaxlm.infer.engine import prefill
 
-    tokens = jnp.array([[5, 6, 7, 8, 9, 10, 0, 0], [11, 12, 13, 0, 0, 0, 0, 0]], jnp.int32)
-    lengths = jnp.array([6, 3], jnp.int32)
+    if tokens is None:
+        tokens = jnp.array([[5, 6, 7, 8, 9, 10, 0, 0], [11, 12, 13, 0, 0, 0, 0, 0]], jnp.int32)
+        lengths = jnp.array([6, 3], jnp.int32)
 
     def run(state, tokens, lengths):
         from flax import nnx
@@ -119,3 +121,34 @@ def test_a_fresh_cache_prefill_is_the_same_without_reading_the_cache(tiny_hf, fa
 
     assert flops(512, True) == flops(64, True)
     assert flops(512, False) > flops(64, False)
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "gemma3-local-global"])
+def test_a_long_fresh_prefill_in_query_blocks_equals_the_full_product(tiny_hf, family):
+    """From 256 prompt tokens the fresh-cache prefill attends in causal query blocks
+    (`query_blocks`): the same logits and cache as attending over the whole prompt, to
+    float32 summation order (rows of 300 and 211 tokens: a short last block, padding), and
+    fewer FLOPs."""
+    from flaxlm.model import attention
+
+    llm = LLM.load(tiny_hf(family, 0)[1])
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 200, (2, 300)).astype(np.int32)
+    tokens[1, 211:] = 0
+    tokens, lengths = jnp.asarray(tokens), jnp.array([300, 211], jnp.int32)
+    blocked, args = _prefill(llm, 320, True, tokens, lengths)
+    (c1, l1) = blocked(*args)
+    blocked_flops = blocked.lower(*args).compile().cost_analysis()["flops"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(attention, "query_blocks", lambda t: ((0, t),))
+        whole, _ = _prefill(llm, 320, True, tokens, lengths)
+        (c2, l2) = whole(*args)
+        whole_flops = whole.lower(*args).compile().cost_analysis()["flops"]
+    scale = float(jnp.abs(l2).max())
+    np.testing.assert_allclose(l1, l2, rtol=1e-5, atol=1e-5 * scale)
+    held = (c1.positions >= 0)[:, None, :, None]
+    for a, b in zip(c1.layers, c2.layers):
+        for x, y in ((a.k, b.k), (a.v, b.v)):
+            x, y = jnp.where(held, x, 0), jnp.where(held, y, 0)
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5 * float(jnp.abs(y).max()))
+    assert blocked_flops < whole_flops
