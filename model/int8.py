@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxlm.model import int8_kernel
 from flaxlm.model.errors import CheckpointError
 
 Q8_0_BLOCK = 32                  # values per GGUF Q8_0 block
@@ -70,18 +71,20 @@ def q8_0_to_int8(data: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
     """x [..., K] float, q int8 [N, K], scale [N, G] -> x @ w.T [..., N] float32."""
-    return _int8_matmul(x, q, scale, CPU_BLOCK_BYTES)
+    return _int8_matmul(x, q, scale, CPU_BLOCK_BYTES, int8_kernel.use_kernel(x, q))
 
 
 # Jitted, so that a model called eagerly compiles each weight shape's matmul once instead of
 # tracing the per-platform choice and the block loop again at every call (inside a jitted
-# program it is inlined). The block size is an argument, read when called.
-@functools.partial(jax.jit, static_argnums=3)
-def _int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, block_bytes: int) -> jax.Array:
+# program it is inlined). The block size and the kernel choice are arguments, read when called.
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, block_bytes: int,
+                 kernel: bool = False) -> jax.Array:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     blocked = functools.partial(_blocked_matmul, block_bytes=block_bytes)
-    y = jax.lax.platform_dependent(x2, q, scale, cpu=blocked, default=_fused_matmul)
+    cpu = int8_kernel.int8_matmul if kernel else blocked  # few rows: the compiled kernel
+    y = jax.lax.platform_dependent(x2, q, scale, cpu=cpu, default=_fused_matmul)
     return y.reshape(*lead, q.shape[0])
 
 

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxlm.model.int8 import int8_matmul
+from flaxlm.model import int8_kernel
+from flaxlm.model.int8 import CPU_BLOCK_BYTES, _blocked_matmul, int8_matmul
 
 # (k, n): q/o_proj, k/v_proj, gate/up_proj, down_proj, the (tied) LM head of SmolLM2-135M.
 SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)]
@@ -45,12 +46,25 @@ def int8_int8(x, w, s):          # activations quantized per row: int8 x int8 ->
     return y.astype(jnp.float32) * sx * s
 
 
-def flaxlm_blocked(x, w, s):     # flaxlm.model.int8.int8_matmul (per-backend choice)
+def xla_blocked(x, w, s):        # flaxlm's XLA:CPU path: blocks of rows converted in cache
+    return _blocked_matmul(x, w, s[:, None], block_bytes=CPU_BLOCK_BYTES)
+
+
+def kernel(x, w, s):             # the compiled kernel (model/int8_matmul.cc) via jax.ffi
+    return int8_kernel.int8_matmul(x, w, s[:, None])
+
+
+def kernel_1t(x, w, s):          # the same on one thread
+    return int8_kernel.int8_matmul(x, w, s[:, None], max_tasks=1)
+
+
+def flaxlm(x, w, s):             # flaxlm.model.int8.int8_matmul (its own choice)
     return int8_matmul(x, w, s[:, None])
 
 
 FORMULATIONS = {"convert_dot": convert_dot, "dot_mixed": dot_mixed, "mul_reduce": mul_reduce,
-                "int8_int8": int8_int8, "flaxlm_blocked": flaxlm_blocked}
+                "int8_int8": int8_int8, "xla_blocked": xla_blocked, "kernel": kernel,
+                "kernel_1t": kernel_1t, "flaxlm": flaxlm}
 
 
 def chain(product, m, n):

@@ -77,6 +77,7 @@ def test_int8_matmul_formulations_equal_dense(monkeypatch, groups, n):
     # float32 summation of 64 products, in any order: |error| <= 64 eps sum_k |x_k w_k|
     bound = 64 * 2.0 ** -24 * np.asarray(jnp.abs(x) @ jnp.abs(w).T)
     monkeypatch.setattr(int8, "CPU_BLOCK_BYTES", 10 * 64 * 4)  # blocks of 10 rows
+    monkeypatch.setenv("FLAXLM_INT8_KERNEL", "0")  # XLA's blocked path (the kernel: test_int8_kernel)
     assert int8.block_rows(n, 64) in (8, 10)
     blocked = np.asarray(jax.jit(int8.int8_matmul)(x, q, scale))
     fused = np.asarray(int8._fused_matmul(x.reshape(6, 64), q, scale)).reshape(2, 3, n)
