@@ -64,45 +64,53 @@ void RowsPortable(const Problem& p, int64_t n0, int64_t n1) {
 
 #ifdef FLAXLM_X86
 
-// AVX-512: 16 weights per vector, 2 vectors (32 weights, one Q8_0 block) per step, up to 4
-// rows of x per pass over a weight row (the row stays in L1 for the next pass).
+// AVX-512: 16 weights per vector, kVecs vectors per step (kVecs independent FMA chains per
+// row of x), up to 4 rows of x per pass over a weight row (the row stays in L1 for the next).
 template <int kRows, bool kGrouped>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void RowAvx512(
     const Problem& p, int64_t m0, int64_t n) {
+  constexpr int kVecs = kRows <= 2 ? 4 : 2;
   const int64_t group = p.k / p.groups;
   const int8_t* qn = p.q + n * p.k;
   const float* sn = p.scale + n * p.groups;
   const float* x = p.x + m0 * p.k;
-  __m512 acc[kRows][2];
-  for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  __m512 acc[kRows][kVecs];
+  for (int r = 0; r < kRows; ++r) {
+    for (int v = 0; v < kVecs; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+  int chain = 0;  // the accumulator the next tail vector adds to
   for (int64_t g = 0; g < p.groups; ++g) {
     const __m512 s = _mm512_set1_ps(kGrouped ? sn[g] : 1.0f);
     int64_t i = g * group;
     const int64_t end = i + group;
-    for (; i + 32 <= end; i += 32) {
-      __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(qn + i))));
-      __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(qn + i + 16))));
-      if (kGrouped) {
-        w0 = _mm512_mul_ps(w0, s);
-        w1 = _mm512_mul_ps(w1, s);
+    for (; i + 16 * kVecs <= end; i += 16 * kVecs) {
+      __m512 w[kVecs];
+      for (int v = 0; v < kVecs; ++v) {
+        w[v] = _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(qn + i + 16 * v))));
+        if (kGrouped) w[v] = _mm512_mul_ps(w[v], s);
       }
       for (int r = 0; r < kRows; ++r) {
-        acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * p.k + i), w0, acc[r][0]);
-        acc[r][1] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * p.k + i + 16), w1, acc[r][1]);
+        for (int v = 0; v < kVecs; ++v) {
+          acc[r][v] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * p.k + i + 16 * v), w[v], acc[r][v]);
+        }
       }
     }
-    for (; i < end; i += 16) {  // tail: masked loads
+    for (; i < end; i += 16, chain = (chain + 1) % kVecs) {  // rest: masked loads
       const int64_t left = end - i;
       const __mmask16 mask = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
       __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, qn + i)));
       if (kGrouped) w = _mm512_mul_ps(w, s);
       for (int r = 0; r < kRows; ++r) {
-        acc[r][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x + r * p.k + i), w, acc[r][0]);
+        acc[r][chain] =
+            _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x + r * p.k + i), w, acc[r][chain]);
       }
     }
   }
   for (int r = 0; r < kRows; ++r) {
-    const float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+    __m512 total = acc[r][0];
+    for (int v = 1; v < kVecs; ++v) total = _mm512_add_ps(total, acc[r][v]);
+    const float sum = _mm512_reduce_add_ps(total);
     p.y[(m0 + r) * p.n + n] = kGrouped ? sum : sum * sn[0];
   }
 }
