@@ -18,14 +18,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The int8 matmul kernel for CPU (model/int8_matmul.cc, loaded by flaxlm.model.int8_kernel),
-# built with the stock C++ compiler against the installed jaxlib's XLA FFI headers. No
-# -march: the library picks AVX-512, AVX2 or portable code at run time. If it cannot be
-# built, set-up still succeeds and flaxlm uses its XLA int8 path.
-CXX ?= g++
+# built with the stock C++ compiler ($(CXX), make's default g++) against the installed
+# jaxlib's XLA FFI headers. No -march: the library picks AVX-512, AVX2 or portable code at
+# run time. If it cannot be built, set-up still succeeds (a stale library is removed) and
+# flaxlm uses its XLA int8 path.
 KERNEL := model/_int8_matmul.so
 
 kernels: $(STAMP)
-	@$(MAKE) --no-print-directory $(KERNEL) || echo "flaxlm: int8 CPU kernel not built; int8 weights use the XLA path"
+	@$(MAKE) --no-print-directory $(KERNEL) || { rm -f $(KERNEL) $(KERNEL).tmp; \
+		echo "flaxlm: int8 CPU kernel not built; int8 weights use the XLA path"; }
 
 $(KERNEL): model/int8_matmul.cc $(STAMP)
 	$(CXX) -O3 -std=c++17 -shared -fPIC \
