@@ -64,13 +64,22 @@ void RowsPortable(const Problem& p, int64_t n0, int64_t n1) {
 
 #ifdef FLAXLM_X86
 
+// log2 of the group size when groups are a power of two of at least `lanes` weights (so a
+// vector of `lanes` weights shares one scale: GGUF Q8_0's 32), else -1. Per-channel: 0.
+int GroupShift(const Problem& p, int64_t lanes) {
+  if (p.groups == 1) return 0;
+  const int64_t group = p.k / p.groups;
+  if (group < lanes || (group & (group - 1)) != 0) return -1;
+  return __builtin_ctzll(static_cast<unsigned long long>(group));
+}
+
 // AVX-512: 16 weights per vector, kVecs vectors per step (kVecs independent FMA chains per
 // row of x), up to 4 rows of x per pass over a weight row (the row stays in L1 for the next).
+// Grouped: each vector of weights is scaled by its group's scale (index i >> shift).
 template <int kRows, bool kGrouped>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void RowAvx512(
-    const Problem& p, int64_t m0, int64_t n) {
+    const Problem& p, int64_t m0, int64_t n, int shift) {
   constexpr int kVecs = kRows <= 2 ? 4 : 2;
-  const int64_t group = p.k / p.groups;
   const int8_t* qn = p.q + n * p.k;
   const float* sn = p.scale + n * p.groups;
   const float* x = p.x + m0 * p.k;
@@ -78,33 +87,27 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void RowAvx512(
   for (int r = 0; r < kRows; ++r) {
     for (int v = 0; v < kVecs; ++v) acc[r][v] = _mm512_setzero_ps();
   }
-  int chain = 0;  // the accumulator the next tail vector adds to
-  for (int64_t g = 0; g < p.groups; ++g) {
-    const __m512 s = _mm512_set1_ps(kGrouped ? sn[g] : 1.0f);
-    int64_t i = g * group;
-    const int64_t end = i + group;
-    for (; i + 16 * kVecs <= end; i += 16 * kVecs) {
-      __m512 w[kVecs];
+  int64_t i = 0;
+  for (; i + 16 * kVecs <= p.k; i += 16 * kVecs) {
+    __m512 w[kVecs];
+    for (int v = 0; v < kVecs; ++v) {
+      w[v] = _mm512_cvtepi32_ps(
+          _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(qn + i + 16 * v))));
+      if (kGrouped) w[v] = _mm512_mul_ps(w[v], _mm512_set1_ps(sn[(i + 16 * v) >> shift]));
+    }
+    for (int r = 0; r < kRows; ++r) {
       for (int v = 0; v < kVecs; ++v) {
-        w[v] = _mm512_cvtepi32_ps(
-            _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(qn + i + 16 * v))));
-        if (kGrouped) w[v] = _mm512_mul_ps(w[v], s);
-      }
-      for (int r = 0; r < kRows; ++r) {
-        for (int v = 0; v < kVecs; ++v) {
-          acc[r][v] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * p.k + i + 16 * v), w[v], acc[r][v]);
-        }
+        acc[r][v] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * p.k + i + 16 * v), w[v], acc[r][v]);
       }
     }
-    for (; i < end; i += 16, chain = (chain + 1) % kVecs) {  // rest: masked loads
-      const int64_t left = end - i;
-      const __mmask16 mask = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
-      __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, qn + i)));
-      if (kGrouped) w = _mm512_mul_ps(w, s);
-      for (int r = 0; r < kRows; ++r) {
-        acc[r][chain] =
-            _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x + r * p.k + i), w, acc[r][chain]);
-      }
+  }
+  for (int v = 0; i < p.k; i += 16, ++v) {  // the rest (< kVecs vectors): masked loads
+    const int64_t left = p.k - i;
+    const __mmask16 mask = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+    __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, qn + i)));
+    if (kGrouped) w = _mm512_mul_ps(w, _mm512_set1_ps(sn[i >> shift]));
+    for (int r = 0; r < kRows; ++r) {
+      acc[r][v] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x + r * p.k + i), w, acc[r][v]);
     }
   }
   for (int r = 0; r < kRows; ++r) {
@@ -117,22 +120,24 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void RowAvx512(
 
 template <bool kGrouped>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void RowsAvx512T(
-    const Problem& p, int64_t n0, int64_t n1) {
+    const Problem& p, int64_t n0, int64_t n1, int shift) {
   for (int64_t n = n0; n < n1; ++n) {
     int64_t m = 0;
-    for (; m + 4 <= p.m; m += 4) RowAvx512<4, kGrouped>(p, m, n);
+    for (; m + 4 <= p.m; m += 4) RowAvx512<4, kGrouped>(p, m, n, shift);
     switch (p.m - m) {
-      case 3: RowAvx512<3, kGrouped>(p, m, n); break;
-      case 2: RowAvx512<2, kGrouped>(p, m, n); break;
-      case 1: RowAvx512<1, kGrouped>(p, m, n); break;
+      case 3: RowAvx512<3, kGrouped>(p, m, n, shift); break;
+      case 2: RowAvx512<2, kGrouped>(p, m, n, shift); break;
+      case 1: RowAvx512<1, kGrouped>(p, m, n, shift); break;
       default: break;
     }
   }
 }
 
 void RowsAvx512(const Problem& p, int64_t n0, int64_t n1) {
-  if (p.groups == 1) RowsAvx512T<false>(p, n0, n1);
-  else RowsAvx512T<true>(p, n0, n1);
+  const int shift = GroupShift(p, 16);
+  if (p.groups == 1) RowsAvx512T<false>(p, n0, n1, 0);
+  else if (shift >= 0) RowsAvx512T<true>(p, n0, n1, shift);
+  else RowsPortable(p, n0, n1);  // groups of another size (not GGUF's)
 }
 
 __attribute__((target("avx2,fma"))) inline float HorizontalSum(__m256 v) {
@@ -142,67 +147,74 @@ __attribute__((target("avx2,fma"))) inline float HorizontalSum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-__attribute__((target("avx2,fma"))) inline __m256 Load8(const int8_t* q) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)q)));
-}
-
-// AVX2 + FMA: 8 weights per vector, 4 vectors (32 weights) per step, scalar tail.
+// AVX2 + FMA: 8 weights per vector, kVecs vectors per step as above (16 registers: fewer
+// chains for more rows), a scalar tail (only per-channel rows can have one: grouped rows
+// are whole groups of >= 8).
 template <int kRows, bool kGrouped>
-__attribute__((target("avx2,fma"))) void RowAvx2(const Problem& p, int64_t m0, int64_t n) {
-  const int64_t group = p.k / p.groups;
+__attribute__((target("avx2,fma"))) void RowAvx2(const Problem& p, int64_t m0, int64_t n,
+                                                 int shift) {
+  constexpr int kVecs = kRows <= 2 ? 4 : 2;
   const int8_t* qn = p.q + n * p.k;
   const float* sn = p.scale + n * p.groups;
   const float* x = p.x + m0 * p.k;
-  __m256 acc[kRows][2];
+  __m256 acc[kRows][kVecs];
   float tail[kRows];
   for (int r = 0; r < kRows; ++r) {
-    acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int v = 0; v < kVecs; ++v) acc[r][v] = _mm256_setzero_ps();
     tail[r] = 0.0f;
   }
-  for (int64_t g = 0; g < p.groups; ++g) {
-    const float sg = kGrouped ? sn[g] : 1.0f;
-    const __m256 s = _mm256_set1_ps(sg);
-    int64_t i = g * group;
-    const int64_t end = i + group;
-    for (; i + 16 <= end; i += 16) {
-      __m256 w0 = Load8(qn + i), w1 = Load8(qn + i + 8);
-      if (kGrouped) {
-        w0 = _mm256_mul_ps(w0, s);
-        w1 = _mm256_mul_ps(w1, s);
-      }
-      for (int r = 0; r < kRows; ++r) {
-        acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * p.k + i), w0, acc[r][0]);
-        acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * p.k + i + 8), w1, acc[r][1]);
-      }
+  int64_t i = 0;
+  for (; i + 8 * kVecs <= p.k; i += 8 * kVecs) {
+    __m256 w[kVecs];
+    for (int v = 0; v < kVecs; ++v) {
+      w[v] = _mm256_cvtepi32_ps(
+          _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(qn + i + 8 * v))));
+      if (kGrouped) w[v] = _mm256_mul_ps(w[v], _mm256_set1_ps(sn[(i + 8 * v) >> shift]));
     }
-    for (; i < end; ++i) {
-      const float w = static_cast<float>(qn[i]) * sg;
-      for (int r = 0; r < kRows; ++r) tail[r] += x[r * p.k + i] * w;
+    for (int r = 0; r < kRows; ++r) {
+      for (int v = 0; v < kVecs; ++v) {
+        acc[r][v] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * p.k + i + 8 * v), w[v], acc[r][v]);
+      }
     }
   }
+  for (int v = 0; i + 8 <= p.k; i += 8, ++v) {
+    __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(qn + i))));
+    if (kGrouped) w = _mm256_mul_ps(w, _mm256_set1_ps(sn[i >> shift]));
+    for (int r = 0; r < kRows; ++r) {
+      acc[r][v] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * p.k + i), w, acc[r][v]);
+    }
+  }
+  for (; i < p.k; ++i) {
+    for (int r = 0; r < kRows; ++r) tail[r] += x[r * p.k + i] * static_cast<float>(qn[i]);
+  }
   for (int r = 0; r < kRows; ++r) {
-    const float sum = HorizontalSum(_mm256_add_ps(acc[r][0], acc[r][1])) + tail[r];
+    __m256 total = acc[r][0];
+    for (int v = 1; v < kVecs; ++v) total = _mm256_add_ps(total, acc[r][v]);
+    const float sum = HorizontalSum(total) + tail[r];
     p.y[(m0 + r) * p.n + n] = kGrouped ? sum : sum * sn[0];
   }
 }
 
 template <bool kGrouped>
-__attribute__((target("avx2,fma"))) void RowsAvx2T(const Problem& p, int64_t n0, int64_t n1) {
+__attribute__((target("avx2,fma"))) void RowsAvx2T(const Problem& p, int64_t n0, int64_t n1,
+                                                   int shift) {
   for (int64_t n = n0; n < n1; ++n) {
     int64_t m = 0;
-    for (; m + 4 <= p.m; m += 4) RowAvx2<4, kGrouped>(p, m, n);
+    for (; m + 4 <= p.m; m += 4) RowAvx2<4, kGrouped>(p, m, n, shift);
     switch (p.m - m) {
-      case 3: RowAvx2<3, kGrouped>(p, m, n); break;
-      case 2: RowAvx2<2, kGrouped>(p, m, n); break;
-      case 1: RowAvx2<1, kGrouped>(p, m, n); break;
+      case 3: RowAvx2<3, kGrouped>(p, m, n, shift); break;
+      case 2: RowAvx2<2, kGrouped>(p, m, n, shift); break;
+      case 1: RowAvx2<1, kGrouped>(p, m, n, shift); break;
       default: break;
     }
   }
 }
 
 void RowsAvx2(const Problem& p, int64_t n0, int64_t n1) {
-  if (p.groups == 1) RowsAvx2T<false>(p, n0, n1);
-  else RowsAvx2T<true>(p, n0, n1);
+  const int shift = GroupShift(p, 8);
+  if (p.groups == 1) RowsAvx2T<false>(p, n0, n1, 0);
+  else if (shift >= 0) RowsAvx2T<true>(p, n0, n1, shift);
+  else RowsPortable(p, n0, n1);  // groups of another size (not GGUF's)
 }
 
 #endif  // FLAXLM_X86

@@ -41,11 +41,12 @@ def test_library_is_built():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("m", [1, 3, 32])
-@pytest.mark.parametrize("k, n, groups", [(67, 37, 1), (96, 37, 3), (35, 5, 1)],
-                         ids=["per-channel", "q8_0-blocks", "short-rows"])
+@pytest.mark.parametrize("k, n, groups", [(67, 37, 1), (96, 37, 3), (60, 9, 3), (35, 5, 1)],
+                         ids=["per-channel", "q8_0-blocks", "groups-of-20", "short-rows"])
 def test_kernel_equals_xla_path(variant, m, k, n, groups):
     """Odd K tests the vector tails; 37 rows over two threads an uneven split; q8_0-blocks
-    (K / 32 groups) scales each weight before its product, per-channel the sum."""
+    (K / 32 groups) scales each weight before its product, per-channel the sum; groups of
+    20 (not a power of two) take the portable loop inside the vector variants."""
     x, q, scale = _operands(m, k, n, groups)
     for tasks in (1, 0):
         run = jax.jit(lambda x, q, s: int8_kernel.int8_matmul(x, q, s, variant=variant,
