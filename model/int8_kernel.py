@@ -77,11 +77,11 @@ def use_kernel(x: jax.Array, q: jax.Array) -> bool:
 
 
 def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, *, variant: str = "auto",
-                max_tasks: int = 0) -> jax.Array:
+                max_threads: int = 0) -> jax.Array:
     """x [M, K] float32, q int8 [N, K], scale float32 [N, G] -> [M, N] float32, on CPU.
 
     `variant` forces an instruction set ("portable", "avx2", "avx512"; an error if the
-    CPU lacks it), `max_tasks` caps the threads (0: XLA's pool size). Differentiable in
+    CPU lacks it), `max_threads` caps the threads (0: XLA's pool size). Differentiable in
     x and scale (the backward pass is XLA's); under vmap, unbatched operands broadcast.
     """
     if _library() is None:
@@ -89,21 +89,21 @@ def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, *, variant: str = 
     if (x.dtype, q.dtype, scale.dtype) != (jnp.float32, jnp.int8, jnp.float32):
         raise FlaxlmError(f"int8 kernel: needs x float32, q int8, scale float32 "
                           f"(got {x.dtype}, {q.dtype}, {scale.dtype})")
-    return _matmul(x, q, scale, VARIANTS[variant], max_tasks)
+    return _matmul(x, q, scale, VARIANTS[variant], max_threads)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _matmul(x, q, scale, variant, max_tasks):
+def _matmul(x, q, scale, variant, max_threads):
     out = jax.ShapeDtypeStruct((*x.shape[:-1], q.shape[-2]), jnp.float32)
     call = jax.ffi.ffi_call(TARGET, out, vmap_method="expand_dims")
-    return call(x, q, scale, variant=np.int32(variant), max_tasks=np.int32(max_tasks))
+    return call(x, q, scale, variant=np.int32(variant), max_threads=np.int32(max_threads))
 
 
-def _matmul_fwd(x, q, scale, variant, max_tasks):
-    return _matmul(x, q, scale, variant, max_tasks), (x, q, scale)
+def _matmul_fwd(x, q, scale, variant, max_threads):
+    return _matmul(x, q, scale, variant, max_threads), (x, q, scale)
 
 
-def _matmul_bwd(variant, max_tasks, residuals, g):
+def _matmul_bwd(variant, max_threads, residuals, g):
     x, q, scale = residuals
 
     def reference(x, scale):  # XLA's formulation of the same product

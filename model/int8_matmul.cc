@@ -14,6 +14,8 @@
 // portable C++), so the library is built without -march and runs on any x86-64 or aarch64.
 
 #include <algorithm>
+#include <atomic>
+#include <memory>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -266,10 +268,16 @@ std::vector<int64_t> BatchOffsets(ffi::AnyBuffer::Dimensions dims,
   return offsets;
 }
 
+// One FFI call: its batch offsets, and the output rows handed out in chunks to whichever
+// thread asks next (the caller's, and helpers on XLA's pool). A helper that the OS starts
+// late finds the chunks taken and leaves, so a busy core never holds up the result.
 struct Call {
   std::vector<int64_t> x_off, q_off, s_off;  // per batch element, in elements
   Problem base;                              // pointers of batch element 0
   RowsFn rows;
+  int64_t chunk_rows = 1, chunks = 1;
+  std::atomic<int64_t> next{0}, finished{0};
+  ffi::Promise promise;  // available once every chunk is finished
 
   void Run(int64_t n0, int64_t n1) const {
     for (size_t b = 0; b < x_off.size(); ++b) {
@@ -279,6 +287,13 @@ struct Call {
       p.scale += s_off[b];
       p.y += static_cast<int64_t>(b) * p.m * p.n;
       rows(p, n0, n1);
+    }
+  }
+
+  void Work() {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+      Run(c * chunk_rows, std::min(base.n, (c + 1) * chunk_rows));
+      if (finished.fetch_add(1, std::memory_order_acq_rel) + 1 == chunks) promise.SetAvailable();
     }
   }
 };
@@ -308,12 +323,13 @@ ffi::Future Failed(std::string message) {
   return ffi::Future(promise);
 }
 
-// Weights per task below which another thread costs more than it saves.
-constexpr int64_t kMinWeightsPerTask = 1 << 15;
+// Weights per chunk of rows: a few microseconds of work, so two threads share even a
+// 576 x 192 projection, and a chunk costs little more than its atomic increment.
+constexpr int64_t kChunkWeights = 1 << 15;
 
 ffi::Future Int8MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q,
                            ffi::AnyBuffer scale, ffi::Result<ffi::AnyBuffer> y,
-                           int32_t variant, int32_t max_tasks) {
+                           int32_t variant, int32_t max_threads) {
   if (x.element_type() != ffi::F32 || q.element_type() != ffi::S8 ||
       scale.element_type() != ffi::F32 || y->element_type() != ffi::F32) {
     return Failed("dtypes must be x float32, q int8, scale float32");
@@ -333,21 +349,16 @@ ffi::Future Int8MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffe
   call->s_off = BatchOffsets(sd, out_batch, call->base.n * call->base.groups);
 
   const int64_t n = call->base.n;
-  const int64_t work = n * call->base.k * static_cast<int64_t>(call->x_off.size());
-  int64_t tasks = std::min<int64_t>({std::max<int64_t>(pool.num_threads(), 1),
-                                     std::max<int64_t>(work / kMinWeightsPerTask, 1), n});
-  if (max_tasks > 0) tasks = std::min<int64_t>(tasks, max_tasks);
-  ffi::CountDownPromise done(tasks);
-  // Task t takes rows [t n / tasks, (t + 1) n / tasks); the caller's thread runs task 0.
-  for (int64_t t = 1; t < tasks; ++t) {
-    pool.Schedule([call, done, t, tasks, n]() mutable {
-      call->Run(t * n / tasks, (t + 1) * n / tasks);
-      done.CountDown();
-    });
-  }
-  call->Run(0, n / tasks);
-  done.CountDown();
-  return ffi::Future(done);
+  const int64_t row_weights = std::max<int64_t>(
+      call->base.k * static_cast<int64_t>(call->x_off.size()), 1);
+  call->chunk_rows = std::clamp<int64_t>(kChunkWeights / row_weights, 1, std::max<int64_t>(n, 1));
+  call->chunks = std::max<int64_t>((n + call->chunk_rows - 1) / call->chunk_rows, 1);
+  int64_t helpers = std::min<int64_t>(pool.num_threads(), call->chunks) - 1;
+  if (max_threads > 0) helpers = std::min<int64_t>(helpers, max_threads - 1);
+  ffi::Future done(call->promise);
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([call] { call->Work(); });
+  call->Work();
+  return done;
 }
 
 }  // namespace
@@ -360,7 +371,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxlmInt8Matmul, Int8MatmulImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int32_t>("variant")
-                                  .Attr<int32_t>("max_tasks"));
+                                  .Attr<int32_t>("max_threads"));
 
 // The variant that `variant = 0` runs on this CPU (for the log and the tests).
 extern "C" int flaxlm_int8_matmul_best_variant() { return BestVariant(); }

@@ -63,7 +63,7 @@ def kernel(x, w, s):             # the compiled kernel (model/int8_matmul.cc) vi
 
 
 def kernel_1t(x, w, s):          # the same on one thread
-    return int8_kernel.int8_matmul(x, w, _groups(s), max_tasks=1)
+    return int8_kernel.int8_matmul(x, w, _groups(s), max_threads=1)
 
 
 def flaxlm(x, w, s):             # flaxlm.model.int8.int8_matmul (its own choice)

@@ -44,18 +44,21 @@ def test_library_is_built():
 @pytest.mark.parametrize("k, n, groups", [(67, 37, 1), (96, 37, 3), (60, 9, 3), (35, 5, 1)],
                          ids=["per-channel", "q8_0-blocks", "groups-of-20", "short-rows"])
 def test_kernel_equals_xla_path(variant, m, k, n, groups):
-    """Odd K tests the vector tails; 37 rows over two threads an uneven split; q8_0-blocks
+    """Odd K tests the vector tails; q8_0-blocks
     (K / 32 groups) scales each weight before its product, per-channel the sum; groups of
     20 (not a power of two) take the portable loop inside the vector variants."""
     x, q, scale = _operands(m, k, n, groups)
-    for tasks in (1, 0):
+    for threads in (1, 0):
         run = jax.jit(lambda x, q, s: int8_kernel.int8_matmul(x, q, s, variant=variant,
-                                                              max_tasks=tasks))
+                                                              max_threads=threads))
         _assert_equal_to_float_rounding(run(x, q, scale), x, q, scale)
 
 
-def test_kernel_splits_large_weights_over_threads():
-    x, q, scale = _operands(2, 576, 1536, 18)  # 884,736 weights: above one task's minimum
+@pytest.mark.parametrize("k, n, groups", [(576, 1536, 18), (577, 1531, 1)])
+def test_kernel_shares_large_weights_between_threads(k, n, groups):
+    """~880k weights: ~27 chunks of rows (the last one short) taken by the caller's thread
+    and a helper on XLA's pool."""
+    x, q, scale = _operands(2, k, n, groups)
     _assert_equal_to_float_rounding(jax.jit(int8_kernel.int8_matmul)(x, q, scale), x, q, scale)
 
 
