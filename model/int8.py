@@ -12,8 +12,9 @@ the output rows in blocks: each block is converted to float into a buffer
 that stays in cache and multiplied there (scripts/bench_int8_matmul.py measures
 this against the alternatives: converting the whole weight first, or a dot
 that takes int8 directly, are 10-20x slower than the float32 dot they
-replace). Other backends get the plain `dot(x, q.astype(...)) * scale`, whose
-convert XLA:GPU fuses into the dot.
+replace). With few rows (decode) on CPU it calls the compiled kernel of
+`flaxlm.model.int8_kernel` instead, which converts in registers. Other backends get
+the plain `dot(x, q.astype(...)) * scale`, whose convert XLA:GPU fuses into the dot.
 """
 
 from __future__ import annotations
