@@ -1,4 +1,4 @@
-// flaxlm's int8 matmul for XLA:CPU, called through jax.ffi (flaxlm/model/int8_kernel.py).
+// flaxlm's int8 matmul for XLA:CPU, called through jax.ffi (model/int8_kernel.py).
 //
 //   y[..., M, N] float32 = x[..., M, K] float32 @ (q[..., N, K] int8 * scale[..., N, G]).T
 //
@@ -9,14 +9,14 @@
 // "expand_dims" batch dims: each is 1 (broadcast) or the output's.
 //
 // The weights are read once, as int8, and converted in registers: a batch-1 decode step
-// streams 1 byte per weight instead of float32's 4. Output rows are split over XLA's
-// intra-op thread pool. The instruction set is chosen at run time (AVX-512, AVX2+FMA, or
+// streams 1 byte per weight instead of float32's 4. Output rows are handed out in chunks
+// to the calling thread and to helpers on XLA's intra-op thread pool. The instruction set is chosen at run time (AVX-512, AVX2+FMA, or
 // portable C++), so the library is built without -march and runs on any x86-64 or aarch64.
 
 #include <algorithm>
 #include <atomic>
-#include <memory>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
