@@ -13,8 +13,9 @@ that stays in cache and multiplied there; the block size is measured on the CPU
 at first use (`flaxlm.model.int8_blocks`). scripts/bench_int8_matmul.py measures
 this against the alternatives: converting the whole weight first, or a dot
 that takes int8 directly, are 5-20x slower than the float32 dot they
-replace. Other backends get the plain `dot(x, q.astype(...)) * scale`, whose
-convert XLA:GPU fuses into the dot.
+replace. With few rows (decode) on CPU it calls the compiled kernel of
+`flaxlm.model.int8_kernel` instead, which converts in registers. Other backends get
+the plain `dot(x, q.astype(...)) * scale`, whose convert XLA:GPU fuses into the dot.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxlm.model import int8_blocks
+from flaxlm.model import int8_blocks, int8_kernel
 from flaxlm.model.errors import CheckpointError
 
 Q8_0_BLOCK = 32                  # values per GGUF Q8_0 block
@@ -69,18 +70,21 @@ def q8_0_to_int8(data: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
 def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
     """x [..., K] float, q int8 [N, K], scale [N, G] -> x @ w.T [..., N] float32."""
     rows = math.prod(x.shape[:-1])
-    return _int8_matmul(x, q, scale, int8_blocks.block_bytes(rows))
+    kernel = int8_kernel.use_kernel(x, q)  # then no block size is needed (or measured)
+    return _int8_matmul(x, q, scale, 0 if kernel else int8_blocks.block_bytes(rows), kernel)
 
 
 # Jitted, so that a model called eagerly compiles each weight shape's matmul once instead of
 # tracing the per-platform choice and the block loop again at every call (inside a jitted
-# program it is inlined). The block size is an argument, read when called.
-@functools.partial(jax.jit, static_argnums=3)
-def _int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, block_bytes: int) -> jax.Array:
+# program it is inlined). The block size and the kernel choice are arguments, read when called.
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, block_bytes: int,
+                 kernel: bool = False) -> jax.Array:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     blocked = functools.partial(_blocked_matmul, block_bytes=block_bytes)
-    y = jax.lax.platform_dependent(x2, q, scale, cpu=blocked, default=_fused_matmul)
+    cpu = int8_kernel.int8_matmul if kernel else blocked  # few rows: the compiled kernel
+    y = jax.lax.platform_dependent(x2, q, scale, cpu=cpu, default=_fused_matmul)
     return y.reshape(*lead, q.shape[0])
 
 

@@ -236,5 +236,11 @@ def mesh_axis_size(axis: str) -> int:
     return ctx.mesh.shape[axis]
 
 
+def mesh_size() -> int:
+    """Devices in the mesh programs are being traced for (1 outside `use_sharding`)."""
+    ctx = _CONTEXT.get()
+    return 1 if ctx is None else ctx.mesh.size
+
+
 def sharding_for(axes: Sequence[str | None], mesh: Mesh, rules: Rules = RULES) -> NamedSharding:
     return NamedSharding(mesh, spec_for(axes, rules))

@@ -23,6 +23,7 @@ import time
 T_PROCESS = time.perf_counter()  # before jax is imported: the cold start clock
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
@@ -165,26 +166,50 @@ def _timed(fn):
     return time.perf_counter() - t0, time.process_time() - c0
 
 
+@contextlib.contextmanager
+def _int8_kernel_off():
+    """Programs traced (compiled) in this block take XLA's int8 path, not the CPU kernel."""
+    saved = os.environ.get("FLAXLM_INT8_KERNEL")
+    os.environ["FLAXLM_INT8_KERNEL"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["FLAXLM_INT8_KERNEL"]
+        else:
+            os.environ["FLAXLM_INT8_KERNEL"] = saved
+
+
 def int8_bench(llm, prompt, new, rounds=3):
     """flaxlm batch-1 decode with int8 weights (load(..., quantize="int8")) against the
     float32 `llm`, alternated `rounds` times on the same prompt (best of each), so a
-    change in the machine's load hits both."""
+    change in the machine's load hits both. int8 runs twice: with the compiled CPU kernel
+    (flaxlm.model.int8_kernel; the default where it is built) and with XLA's int8 path."""
     from flaxlm.infer import LLM
-    from flaxlm.model import int8_blocks, param_stats
+    from flaxlm.model import int8_blocks, int8_kernel, param_stats
 
     int8_llm = LLM.load("smollm2-135m-instruct", quantize="int8")
+    xla_llm = LLM.load("smollm2-135m-instruct", quantize="int8")
     flaxlm_decode(int8_llm, prompt, 4, repeats=1)  # compile the int8 programs
-    fp32, int8 = 0.0, 0.0
+    with _int8_kernel_off():
+        flaxlm_decode(xla_llm, prompt, 4, repeats=1)
+    fp32, int8, xla = 0.0, 0.0, 0.0
     for _ in range(rounds):
         fp32 = max(fp32, flaxlm_decode(llm, prompt, new, repeats=1)[1])
         ttft, decode, _ = flaxlm_decode(int8_llm, prompt, new, repeats=1)
         int8 = max(int8, decode)
+        with _int8_kernel_off():
+            xla = max(xla, flaxlm_decode(xla_llm, prompt, new, repeats=1)[1])
     res = {"int8_decode_tok_s": int8, "int8_fp32_decode_tok_s": fp32,
            "int8_vs_fp32_ratio": int8 / fp32, "int8_ttft_128_s": ttft,
+           "int8_kernel": int8_kernel.best_variant() if int8_kernel.enabled() else "off",
+           "int8_xla_decode_tok_s": xla, "int8_xla_vs_fp32_ratio": xla / fp32,
            "int8_weight_bytes": sum(param_stats(int8_llm.model)[1].values()),
-           "int8_block_bytes": int8_blocks.choices()}  # measured on this CPU at first use
-    log(f"int8 batch 1: decode {int8:.1f} tok/s vs float32 {fp32:.1f} in the same rounds "
-        f"({res['int8_vs_fp32_ratio']:.2f}x), int8 weights {res['int8_weight_bytes'] / 2**20:.0f} MiB")
+           "int8_block_bytes": int8_blocks.choices()}  # XLA's path, measured at first use
+    log(f"int8 batch 1: decode {int8:.1f} tok/s (kernel: {res['int8_kernel']}), XLA's int8 path "
+        f"{xla:.1f}, float32 {fp32:.1f} in the same rounds ({res['int8_vs_fp32_ratio']:.2f}x, "
+        f"{res['int8_xla_vs_fp32_ratio']:.2f}x), int8 weights "
+        f"{res['int8_weight_bytes'] / 2**20:.0f} MiB")
     return res
 
 
@@ -445,7 +470,7 @@ def main():
         from flaxlm.infer import LLM
 
         llm = LLM.load("smollm2-135m-instruct")
-        res = {"machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        res = {"cpu": cpu_model(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                "load_avg_1min": os.getloadavg()[0],
                **int8_bench(llm, prompt_ids(llm.tokenizer, 128), new),
                "load_avg_1min_end": os.getloadavg()[0]}

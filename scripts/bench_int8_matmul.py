@@ -7,7 +7,10 @@ depending on the previous output, so weights stream from memory and XLA
 cannot overlap or hoist the chain. Times are per weight (best of --repeats),
 with the ratio to the float32 matmul of the same chain (> 1: faster).
 
-    .venv/bin/python scripts/bench_int8_matmul.py [--rows 1] [--repeats 10]
+    .venv/bin/python scripts/bench_int8_matmul.py [--rows 1] [--repeats 10] [--q8-0]
+
+`kernel` is flaxlm's compiled CPU kernel (model/int8_matmul.cc, `make kernels`),
+`xla_blocked` its XLA path, `flaxlm` what `int8_matmul` picks between them.
 """
 
 import argparse
@@ -19,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxlm.model.int8 import int8_matmul
+from flaxlm.model import int8_blocks, int8_kernel
+from flaxlm.model.int8 import _blocked_matmul, dequantize, int8_matmul
 
 # (k, n): q/o_proj, k/v_proj, gate/up_proj, down_proj, the (tied) LM head of SmolLM2-135M.
 SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)]
@@ -45,12 +49,34 @@ def int8_int8(x, w, s):          # activations quantized per row: int8 x int8 ->
     return y.astype(jnp.float32) * sx * s
 
 
-def flaxlm_blocked(x, w, s):     # flaxlm.model.int8.int8_matmul (per-backend choice)
-    return int8_matmul(x, w, s[:, None])
+# These four also take GGUF Q8_0 block scales [n, k / 32] (--q8-0); s [n] is per channel.
+def _groups(s):
+    return s if s.ndim == 2 else s[:, None]
+
+
+def xla_blocked(x, w, s):        # flaxlm's XLA:CPU path: blocks of rows converted in cache
+    block = int8_blocks.block_bytes(x.shape[0])  # the size measured for this CPU
+    return _blocked_matmul(x, w, _groups(s), block_bytes=block)
+
+
+def kernel(x, w, s):             # the compiled kernel (model/int8_matmul.cc) via jax.ffi
+    return int8_kernel.int8_matmul(x, w, _groups(s))
+
+
+def kernel_1t(x, w, s):          # the same on one thread
+    return int8_kernel.int8_matmul(x, w, _groups(s), max_threads=1)
+
+
+def flaxlm(x, w, s):             # flaxlm.model.int8.int8_matmul (its own choice)
+    return int8_matmul(x, w, _groups(s))
+
+
+GROUPED = ("xla_blocked", "kernel", "kernel_1t", "flaxlm")
 
 
 FORMULATIONS = {"convert_dot": convert_dot, "dot_mixed": dot_mixed, "mul_reduce": mul_reduce,
-                "int8_int8": int8_int8, "flaxlm_blocked": flaxlm_blocked}
+                "int8_int8": int8_int8, "xla_blocked": xla_blocked, "kernel": kernel,
+                "kernel_1t": kernel_1t, "flaxlm": flaxlm}
 
 
 def chain(product, m, n):
@@ -72,13 +98,14 @@ def best_ms(fn, *args, repeats):
     return best * 1e3
 
 
-def measure(m, k, n, names, repeats):
+def measure(m, k, n, names, repeats, q8_0=False):
     count = min(60, max(2, math.ceil(100e6 / (k * n))))
     rng = np.random.default_rng(0)
     weights = [jnp.asarray(rng.integers(-127, 128, (n, k), dtype=np.int8)) for _ in range(count)]
-    scales = [jnp.asarray(rng.uniform(1e-3, 1e-2, n).astype(np.float32)) for _ in range(count)]
+    shape = (n, k // 32) if q8_0 else (n,)
+    scales = [jnp.asarray(rng.uniform(1e-3, 1e-2, shape).astype(np.float32)) for _ in range(count)]
     x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32))
-    floats = [w.astype(jnp.float32) * s[:, None] for w, s in zip(weights, scales)]
+    floats = [dequantize(w, _groups(s)) for w, s in zip(weights, scales)]
     ones = [jnp.ones((n,), jnp.float32)] * count
     f32 = chain(lambda x, w, s: jax.lax.dot_general(x, w, DIMS), m, n)
     reference = f32(x, floats, ones)
@@ -98,14 +125,18 @@ def main():
     parser.add_argument("--rows", default="1", help="comma-separated m values (batch rows)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--only", default=",".join(FORMULATIONS))
+    parser.add_argument("--q8-0", action="store_true",
+                        help=f"GGUF Q8_0 block scales (k / 32 per row); only {', '.join(GROUPED)}")
     args = parser.parse_args()
     names = args.only.split(",")
+    if args.q8_0 and set(names) - set(GROUPED):
+        parser.error(f"--q8-0 measures only {', '.join(GROUPED)}")
     print(f"backend {jax.default_backend()}; ms per weight (ratio: float32 time / this time)")
     print(f"{'m':>3} {'k':>5} {'n':>6} {'f32':>7}  " + "  ".join(f"{n:>16}" for n in names))
     results = []
     for m in (int(r) for r in args.rows.split(",")):
         for k, n in SHAPES:
-            row = measure(m, k, n, names, args.repeats)
+            row = measure(m, k, n, names, args.repeats, args.q8_0)
             cells = [f"{row[x]:7.3f} ({row['f32'] / row[x]:5.2f}x)" if isinstance(row[x], float)
                      else f"{row[x]:>16}" for x in names]
             print(f"{m:>3} {k:>5} {n:>6} {row['f32']:7.3f}  " + "  ".join(cells), flush=True)

@@ -78,6 +78,7 @@ def test_int8_matmul_formulations_equal_dense(monkeypatch, groups, n):
     bound = 64 * 2.0 ** -24 * np.asarray(jnp.abs(x) @ jnp.abs(w).T)
     monkeypatch.setattr(int8.int8_blocks, "block_bytes", lambda rows: 10 * 64 * 4)
     assert int8.block_rows(n, 64, 10 * 64 * 4) in (8, 10)  # 10-row blocks (8 for 96 rows)
+    monkeypatch.setenv("FLAXLM_INT8_KERNEL", "0")  # XLA's blocked path (the kernel: test_int8_kernel)
     blocked = np.asarray(jax.jit(int8.int8_matmul)(x, q, scale))
     fused = np.asarray(int8._fused_matmul(x.reshape(6, 64), q, scale)).reshape(2, 3, n)
     assert np.all(np.abs(blocked - dense) <= bound)
