@@ -30,7 +30,7 @@ kernels: $(STAMP)
 	@$(MAKE) --no-print-directory $(KERNEL) || { rm -f $(KERNEL) $(KERNEL).tmp; \
 		echo "flaxlm: CPU kernels not built; int8 and float32 matmuls use XLA's dots"; }
 
-$(KERNEL): $(KERNEL_SRC) $(STAMP)
+$(KERNEL): $(KERNEL_SRC) model/cpu_kernels.h $(STAMP)
 	$(CXX) -O3 -std=c++17 -shared -fPIC \
 		-isystem "$$($(BIN)/python -c 'import jax.ffi; print(jax.ffi.include_dir())')" \
 		-o $@.tmp $(KERNEL_SRC) && mv $@.tmp $@

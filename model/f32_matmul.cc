@@ -20,14 +20,14 @@
 #include <string>
 #include <vector>
 
+#include "cpu_kernels.h"
 #include "xla/ffi/api/ffi.h"
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define FLAXLM_X86 1
-#endif
-
 namespace ffi = xla::ffi;
+using flaxlm::BestVariant;
+using flaxlm::Failed;
+
+constexpr char kName[] = "flaxlm_f32_matmul";  // in error messages
 
 namespace {
 
@@ -127,20 +127,6 @@ AVX2 void BandAvx2(const Problem& p, float* out, int64_t k0, int64_t k1, int64_t
 
 #endif  // FLAXLM_X86
 
-// Variants by number, as the int8 kernel numbers them: 0 = best this CPU supports,
-// 1 = portable, 2 = AVX2+FMA, 3 = AVX-512.
-int BestVariant() {
-#ifdef FLAXLM_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl")) {
-    return 3;
-  }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 2;
-#endif
-  return 1;
-}
-
 BandFn VariantFn(int variant) {
   static const int best = BestVariant();
   if (variant == 0) variant = best;
@@ -198,23 +184,17 @@ struct Call {
   }
 };
 
-ffi::Future Failed(std::string message) {
-  ffi::Promise promise;
-  promise.SetError(ffi::Error::InvalidArgument("flaxlm_f32_matmul: " + message));
-  return ffi::Future(promise);
-}
-
 ffi::Future F32MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                           ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
                           int32_t variant, int32_t max_threads) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || wd[0] != xd[1] ||
       yd[0] != xd[0] || yd[1] != wd[1]) {
-    return Failed("shapes must be x [M, K], w [K, N], y [M, N]");
+    return Failed(kName, "shapes must be x [M, K], w [K, N], y [M, N]");
   }
   auto call = std::make_shared<Call>();
   call->band = VariantFn(variant);
-  if (call->band == nullptr) return Failed("variant not supported by this CPU");
+  if (call->band == nullptr) return Failed(kName, "variant not supported by this CPU");
   const int64_t m = xd[0], k = xd[1], n = wd[1];
   call->p = Problem{x.typed_data(), w.typed_data(), m, k, n};
   call->y = y->typed_data();

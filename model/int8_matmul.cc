@@ -10,8 +10,9 @@
 //
 // The weights are read once, as int8, and converted in registers: a batch-1 decode step
 // streams 1 byte per weight instead of float32's 4. Output rows are handed out in chunks
-// to the calling thread and to helpers on XLA's intra-op thread pool. The instruction set is chosen at run time (AVX-512, AVX2+FMA, or
-// portable C++), so the library is built without -march and runs on any x86-64 or aarch64.
+// to the calling thread and to helpers on XLA's intra-op thread pool. The instruction set
+// is chosen at run time (AVX-512, AVX2+FMA, or portable C++), so the library is built
+// without -march and runs on any x86-64 or aarch64.
 
 #include <algorithm>
 #include <atomic>
@@ -20,14 +21,14 @@
 #include <string>
 #include <vector>
 
+#include "cpu_kernels.h"
 #include "xla/ffi/api/ffi.h"
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define FLAXLM_X86 1
-#endif
-
 namespace ffi = xla::ffi;
+using flaxlm::BestVariant;
+using flaxlm::Failed;
+
+constexpr char kName[] = "flaxlm_int8_matmul";  // in error messages
 
 namespace {
 
@@ -221,19 +222,6 @@ void RowsAvx2(const Problem& p, int64_t n0, int64_t n1) {
 
 #endif  // FLAXLM_X86
 
-// Variants by number: 0 = best this CPU supports, 1 = portable, 2 = AVX2+FMA, 3 = AVX-512.
-int BestVariant() {
-#ifdef FLAXLM_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl")) {
-    return 3;
-  }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 2;
-#endif
-  return 1;
-}
-
 RowsFn VariantFn(int variant) {
   static const int best = BestVariant();
   if (variant == 0) variant = best;
@@ -317,12 +305,6 @@ std::string CheckShapes(ffi::AnyBuffer::Dimensions x, ffi::AnyBuffer::Dimensions
   return "";
 }
 
-ffi::Future Failed(std::string message) {
-  ffi::Promise promise;
-  promise.SetError(ffi::Error::InvalidArgument("flaxlm_int8_matmul: " + message));
-  return ffi::Future(promise);
-}
-
 // Weights per chunk of rows: a few microseconds of work, so two threads share even a
 // 576 x 192 projection, and a chunk costs little more than its atomic increment.
 constexpr int64_t kChunkWeights = 1 << 15;
@@ -332,15 +314,17 @@ ffi::Future Int8MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffe
                            int32_t variant, int32_t max_threads) {
   if (x.element_type() != ffi::F32 || q.element_type() != ffi::S8 ||
       scale.element_type() != ffi::F32 || y->element_type() != ffi::F32) {
-    return Failed("dtypes must be x float32, q int8, scale float32");
+    return Failed(kName, "dtypes must be x float32, q int8, scale float32");
   }
   const auto xd = x.dimensions(), qd = q.dimensions(), sd = scale.dimensions();
   const auto yd = y->dimensions();
-  if (std::string error = CheckShapes(xd, qd, sd, yd); !error.empty()) return Failed(error);
+  if (std::string error = CheckShapes(xd, qd, sd, yd); !error.empty()) {
+    return Failed(kName, error);
+  }
   const size_t r = xd.size();
   auto call = std::make_shared<Call>();
   call->rows = VariantFn(variant);
-  if (call->rows == nullptr) return Failed("variant not supported by this CPU");
+  if (call->rows == nullptr) return Failed(kName, "variant not supported by this CPU");
   call->base = Problem{x.typed_data<float>(), q.typed_data<int8_t>(), scale.typed_data<float>(),
                        y->typed_data<float>(), xd[r - 2], xd[r - 1], qd[r - 2], sd[r - 1]};
   const std::vector<int64_t> out_batch(yd.begin(), yd.end() - 2);
