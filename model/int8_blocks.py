@@ -126,12 +126,16 @@ def _time_chain(blocked, layer, m, ws, ss, repeats) -> float:
         h = {w: jnp.full((m, w), 0.5, jnp.float32) for w in widths}
         return jax.lax.scan(one_layer, h, (ws, ss))[0]
 
-    run = jax.jit(chain)
-    jax.block_until_ready(run(ws, ss))
+    return best_seconds(jax.jit(chain), (ws, ss), repeats)
+
+
+def best_seconds(run, args, repeats: int) -> float:
+    """The fastest of `repeats` timed calls of `run(*args)`, after one untimed call."""
+    jax.block_until_ready(run(*args))
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(run(ws, ss))
+        jax.block_until_ready(run(*args))
         best = min(best, time.perf_counter() - start)
     return best
 

@@ -12,7 +12,6 @@ Candidates are KiB of float32 per converted block; times are ms per chain (best 
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -37,14 +36,7 @@ def chain_ms(product, shapes, weights, scales, m, repeats):
                 h[y.shape[1]] = y * 1e-3
         return total
 
-    run = jax.jit(run)
-    jax.block_until_ready(run(weights, scales))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(run(weights, scales))
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+    return int8_blocks.best_seconds(jax.jit(run), (weights, scales), repeats) * 1e3
 
 
 def main():
