@@ -16,7 +16,6 @@ with the ratio to the float32 matmul of the same chain (> 1: faster).
 import argparse
 import json
 import math
-import time
 
 import jax
 import jax.numpy as jnp
@@ -89,13 +88,7 @@ def chain(product, m, n):
 
 
 def best_ms(fn, *args, repeats):
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
+    return int8_blocks.best_seconds(fn, args, repeats) * 1e3
 
 
 def measure(m, k, n, names, repeats, q8_0=False):
