@@ -64,6 +64,18 @@ def query_blocks(t: int) -> tuple[tuple[int, int], ...]:
     return tuple((a, min(a + size, t)) for a in range(0, t, size))
 
 
+def _unwrapped(mask) -> tuple[jax.Array, bool]:
+    """(the boolean mask, whether it is a `CausalMask`)."""
+    return (mask.mask, True) if isinstance(mask, CausalMask) else (mask, False)
+
+
+def _in_query_blocks(attend, q, k, v, mask):
+    """`attend(q, k, v, mask)` of a causal self-attention, one call per `query_blocks`
+    block [a, z): its queries against the keys and values up to z, outputs concatenated."""
+    return jnp.concatenate([attend(q[:, a:z], k[:, :, :z], v[:, :, :z], mask[:, a:z, :z])
+                            for a, z in query_blocks(q.shape[1])], axis=1)
+
+
 def _grouped(q: jax.Array, kv_heads: int, scale: float) -> jax.Array:
     """q [b, t, heads, h] -> [b, kv_heads, group * t, h], scaled: each kv head's query rows."""
     b, t, n, h = q.shape
@@ -120,11 +132,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     all values: an output nothing reads.
     """
     b, t, n, _ = q.shape
-    blocks = query_blocks(t) if causal and not return_probs else ((0, t),)
-    if len(blocks) > 1:
-        return jnp.concatenate(
-            [dot_product_attention(q[:, a:z], k[:, :, :z], v[:, :, :z], mask[:, a:z, :z],
-                                   scale, softcap) for a, z in blocks], axis=1)
+    if causal and not return_probs and len(query_blocks(t)) > 1:
+        return _in_query_blocks(
+            lambda *block: dot_product_attention(*block, scale, softcap), q, k, v, mask)
     logits = _masked_logits(_grouped(q, k.shape[1], scale), k, mask, t, softcap)
     probs32 = jax.nn.softmax(logits, axis=-1)  # [b, kv, g, t, s]
     out = _ungrouped(_weighted(probs32, v), t)
@@ -148,12 +158,10 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: LayerCache
     """
     t = q.shape[1]
     if masks[0] is None:  # a cache known to be empty: self-attention among the new tokens
-        causal = isinstance(masks[1], CausalMask)
-        mask = masks[1].mask if causal else masks[1]
-        blocks = query_blocks(t) if causal else ((0, t),)
-        return jnp.concatenate([_fresh_attention(q[:, a:z], k[:, :, :z], v[:, :, :z],
-                                                 mask[:, a:z, :z], scale, softcap)
-                                for a, z in blocks], axis=1)
+        mask, causal = _unwrapped(masks[1])
+        attend = lambda *block: _fresh_attention(*block, scale, softcap)  # noqa: E731
+        return (_in_query_blocks(attend, q, k, v, mask) if causal
+                else attend(q, k, v, mask))
     grouped = _grouped(q, k.shape[1], scale)
     new = _masked_logits(grouped, k, masks[1], t, softcap)        # [b, kv, g, t, t]
     old = _masked_logits(grouped, cache.k, masks[0], t, softcap)  # [b, kv, g, t, slots]
@@ -212,9 +220,9 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, mask: jax.Array, rope: RopeTable | None,
                  cache: LayerCache | None = None, write_at: jax.Array | None = None, *,
                  return_probs: bool = False):
-        """x [b, t, d], mask [b, t, t] or a `CausalMask` (with a cache: the pair of `cached_attention`); returns
-        (out [b, t, d], updated cache or None), and with return_probs the attention
-        probabilities [b, heads, t, t] third."""
+        """x [b, t, d], mask [b, t, t] or a `CausalMask` (with a cache: the pair of
+        `cached_attention`); returns (out [b, t, d], updated cache or None), and with
+        return_probs the attention probabilities [b, heads, t, t] third."""
         q = self.q_proj(x)  # [b, t, heads, h]
         k = self.k_proj(x)  # [b, t, kv_heads, h]
         v = self.v_proj(x)
@@ -231,8 +239,7 @@ class Attention(nnx.Module):
             cache = LayerCache(k=write(cache.k, k + after, write_at),
                                v=write(cache.v, v + after, write_at))
             return self.o_proj(out), cache
-        causal = isinstance(mask, CausalMask)
-        mask = mask.mask if causal else mask
+        mask, causal = _unwrapped(mask)
         if return_probs:
             out, probs = dot_product_attention(q, k, v, mask, self.query_scale, self.softcap,
                                                return_probs=True)
