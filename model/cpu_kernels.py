@@ -37,5 +37,11 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def variant_name(number: int) -> str:
+def best_variant(target: str) -> str | None:
+    """The instruction set the kernel `target` runs on this CPU (its exported
+    `<target>_best_variant`), or None without the library."""
+    lib = library()
+    if lib is None:
+        return None
+    number = getattr(lib, f"{target}_best_variant")()
     return next(name for name, v in VARIANTS.items() if v == number)

@@ -37,8 +37,7 @@ MAX_ROWS = 16
 
 def best_variant() -> str | None:
     """The instruction set the kernel runs on this CPU, or None without the library."""
-    lib = cpu_kernels.library()
-    return None if lib is None else cpu_kernels.variant_name(lib.flaxlm_f32_matmul_best_variant())
+    return cpu_kernels.best_variant(TARGET)
 
 
 def enabled() -> bool:

@@ -16,7 +16,6 @@ the environment variable FLAXLM_INT8_KERNEL=0, int8 matmuls take the XLA path.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import math
 import os
@@ -30,18 +29,14 @@ from flaxlm.model.errors import FlaxlmError
 from flaxlm.model.sharding import mesh_size
 
 TARGET = "flaxlm_int8_matmul"
-VARIANTS = cpu_kernels.VARIANTS
 # Rows of x up to which the kernel beats XLA's blocked convert+dot (decode, small
 # batches); prefill's GEMMs stay in XLA. Measured with scripts/bench_int8_matmul.py.
 MAX_ROWS = 16
 
 
-def best_variant(lib: ctypes.CDLL | None = None) -> str | None:
+def best_variant() -> str | None:
     """The instruction set the kernel runs on this CPU, or None without the library."""
-    lib = lib or cpu_kernels.library()
-    if lib is None:
-        return None
-    return cpu_kernels.variant_name(lib.flaxlm_int8_matmul_best_variant())
+    return cpu_kernels.best_variant(TARGET)
 
 
 def enabled() -> bool:
@@ -73,7 +68,7 @@ def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, *, variant: str = 
     if (x.dtype, q.dtype, scale.dtype) != (jnp.float32, jnp.int8, jnp.float32):
         raise FlaxlmError(f"int8 kernel: needs x float32, q int8, scale float32 "
                           f"(got {x.dtype}, {q.dtype}, {scale.dtype})")
-    return _matmul(x, q, scale, VARIANTS[variant], max_threads)
+    return _matmul(x, q, scale, cpu_kernels.VARIANTS[variant], max_threads)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
