@@ -220,9 +220,11 @@ def test_generation_and_beam_search_run_on_int8(tiny):
         assert got == want, f"{name}: {params}"
 
 
-def test_decode_step_holds_no_float_copy_of_the_weights():
+@pytest.mark.parametrize("kernel", ["1", "0"])  # the CPU kernel, and XLA's blocked path
+def test_decode_step_holds_no_float_copy_of_the_weights(monkeypatch, kernel):
     """Compile batch-1 decode for an int8 model without allocating it: the program's
     temporary buffers stay below one float weight block, far below the float head."""
+    monkeypatch.setenv("FLAXLM_INT8_KERNEL", kernel)
     config = ModelConfig(vocab_size=65536, embed_dim=128, num_layers=2, num_heads=4,
                          num_kv_heads=2, head_dim=32, mlp_dim=2048, max_seq_len=128)
     float_head = config.vocab_size * config.embed_dim * 4  # 32 MiB
