@@ -5,13 +5,12 @@ against multiply-and-reduce fusions, ms per step's worth of layers (best of 10).
     .venv/bin/python scripts/bench_decode_attention.py
 """
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from benchlib import cpu_model
+from flaxlm.model.int8_blocks import best_seconds
 
 B, KV, G, S, H, L = 32, 3, 3, 256, 64, 30
 BD = ((0, 1), (0, 1))
@@ -51,11 +50,7 @@ def main():
         run = chain(form)
         out = jax.block_until_ready(run(q0, ks, vs))
         reference = out if reference is None else reference
-        best = float("inf")
-        for _ in range(10):
-            start = time.perf_counter()
-            jax.block_until_ready(run(q0, ks, vs))
-            best = min(best, time.perf_counter() - start)
+        best = best_seconds(run, (q0, ks, vs), repeats=10)
         print(f"{name}: {best * 1e3:.2f} ms for {L} layers "
               f"(max |diff| {float(jnp.abs(out - reference).max()):.1e})")
 
