@@ -27,6 +27,21 @@ inline int BestVariant() {
   return 1;
 }
 
+// The function of `variant` (0: this CPU's best) among a kernel's AVX-512, AVX2 and
+// portable versions (the first two are ignored off x86), or nullptr where the CPU lacks it.
+template <typename Fn>
+Fn PickVariant(int variant, Fn avx512, Fn avx2, Fn portable) {
+  static const int best = BestVariant();
+  if (variant == 0) variant = best;
+  if (variant > best) return nullptr;  // not supported by this CPU
+  switch (variant) {
+    case 3: return avx512;
+    case 2: return avx2;
+    case 1: return portable;
+    default: return nullptr;
+  }
+}
+
 // A finished future carrying an InvalidArgument error, "<kernel>: <message>".
 inline xla::ffi::Future Failed(const std::string& kernel, const std::string& message) {
   xla::ffi::Promise promise;

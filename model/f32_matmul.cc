@@ -26,6 +26,7 @@
 namespace ffi = xla::ffi;
 using flaxlm::BestVariant;
 using flaxlm::Failed;
+using flaxlm::PickVariant;
 
 constexpr char kName[] = "flaxlm_f32_matmul";  // in error messages
 
@@ -125,21 +126,9 @@ AVX2 void BandAvx2(const Problem& p, float* out, int64_t k0, int64_t k1, int64_t
   for (; k < k1; ++k) RowsAvx2<1>(p, out, k, c0, c1);
 }
 
+#else
+constexpr BandFn BandAvx512 = nullptr, BandAvx2 = nullptr;  // x86 only
 #endif  // FLAXLM_X86
-
-BandFn VariantFn(int variant) {
-  static const int best = BestVariant();
-  if (variant == 0) variant = best;
-  if (variant > best) return nullptr;  // not supported by this CPU
-  switch (variant) {
-#ifdef FLAXLM_X86
-    case 3: return BandAvx512;
-    case 2: return BandAvx2;
-#endif
-    case 1: return BandPortable;
-    default: return nullptr;
-  }
-}
 
 // Weights per chunk (256 KiB): tens of microseconds of streaming, so two threads share
 // even a 576 x 192 projection and a chunk costs little more than its atomic increment.
@@ -193,7 +182,7 @@ ffi::Future F32MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return Failed(kName, "shapes must be x [M, K], w [K, N], y [M, N]");
   }
   auto call = std::make_shared<Call>();
-  call->band = VariantFn(variant);
+  call->band = PickVariant<BandFn>(variant, BandAvx512, BandAvx2, BandPortable);
   if (call->band == nullptr) return Failed(kName, "variant not supported by this CPU");
   const int64_t m = xd[0], k = xd[1], n = wd[1];
   call->p = Problem{x.typed_data(), w.typed_data(), m, k, n};

@@ -27,6 +27,7 @@
 namespace ffi = xla::ffi;
 using flaxlm::BestVariant;
 using flaxlm::Failed;
+using flaxlm::PickVariant;
 
 constexpr char kName[] = "flaxlm_int8_matmul";  // in error messages
 
@@ -220,21 +221,9 @@ void RowsAvx2(const Problem& p, int64_t n0, int64_t n1) {
   else RowsPortable(p, n0, n1);  // groups of another size (not GGUF's)
 }
 
+#else
+constexpr RowsFn RowsAvx512 = nullptr, RowsAvx2 = nullptr;  // x86 only
 #endif  // FLAXLM_X86
-
-RowsFn VariantFn(int variant) {
-  static const int best = BestVariant();
-  if (variant == 0) variant = best;
-  if (variant > best) return nullptr;  // not supported by this CPU
-  switch (variant) {
-#ifdef FLAXLM_X86
-    case 3: return RowsAvx512;
-    case 2: return RowsAvx2;
-#endif
-    case 1: return RowsPortable;
-    default: return nullptr;
-  }
-}
 
 // Batch offsets of one operand for every output batch index (vmap's expand_dims layout).
 std::vector<int64_t> BatchOffsets(ffi::AnyBuffer::Dimensions dims,
@@ -323,7 +312,7 @@ ffi::Future Int8MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffe
   }
   const size_t r = xd.size();
   auto call = std::make_shared<Call>();
-  call->rows = VariantFn(variant);
+  call->rows = PickVariant<RowsFn>(variant, RowsAvx512, RowsAvx2, RowsPortable);
   if (call->rows == nullptr) return Failed(kName, "variant not supported by this CPU");
   call->base = Problem{x.typed_data<float>(), q.typed_data<int8_t>(), scale.typed_data<float>(),
                        y->typed_data<float>(), xd[r - 2], xd[r - 1], qd[r - 2], sd[r - 1]};
